@@ -1,0 +1,214 @@
+"""The config schema (defaults for every field) and its validation.
+
+Config files under `configs/` start from `base_config()` and change what
+they need. `validate(config)` runs before anything is built or compiled and
+raises `ConfigError` with one line naming the setting to fix.
+"""
+
+import math
+import numbers
+
+import ml_collections
+
+from mile_jax import losses
+from mile_jax import model as model_lib
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+# Logical axis -> mesh axes. Parameters use the plain names, activations the
+# `activation_*` names, so that a dimension can be sharded differently when it
+# is a weight (embed over fsdp) and when it is an activation (replicated).
+DEFAULT_RULES = (
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("kv", None),
+    ("norm", None),
+)
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the setting."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field with a default; a tiny model on the built-in corpus."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Seeds initialisation and data order.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.vocab_size = 1024  # Must equal the tokenizer's vocabulary size.
+  c.model.d_model = 128  # Width of the residual stream.
+  c.model.n_layers = 4  # Number of decoder blocks.
+  c.model.n_heads = 4  # Query heads; head_dim = d_model / n_heads.
+  c.model.n_kv_heads = 4  # Key/value heads (grouped-query attention when < n_heads).
+  c.model.d_ff = 384  # SwiGLU hidden width.
+  c.model.max_seq_len = 256  # Longest sequence the model accepts.
+  c.model.rope_theta = 10000.0  # RoPE base frequency.
+  c.model.norm_eps = 1e-5  # RMSNorm epsilon.
+  c.model.init_std = 0.01  # Std of every weight's normal initialiser (the paper's 0.01).
+  c.model.dtype = "float32"  # Compute dtype: float32, bfloat16 or float16. Params stay float32.
+  c.model.remat = "none"  # Rematerialisation per block: none, full, dots, dots_no_batch.
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = "mile"  # mile, focal or cross_entropy.
+  c.loss.gamma = 1.0  # Exponent of the weight (mile and focal); 0 gives cross-entropy.
+  c.loss.sigma = 1.0  # MiLe's offset in (sigma + entropy) ** gamma.
+  c.loss.impl = "naive"  # naive: full logits then the loss.
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "builtin:pydocs"  # Corpus; see the README for the sources.
+  c.data.seq_len = 128  # Tokens per training row (targets are shifted by one).
+  c.data.global_batch_size = 16  # Rows per step across all devices and processes.
+  c.data.val_fraction = 0.05  # Fraction of documents held out for validation.
+  c.data.cache_dir = ""  # Prepared data and tokenizers; "" = $MILE_JAX_CACHE or ~/.cache/mile_jax.
+  c.data.tokenizer_path = ""  # A SentencePiece .model to load; "" = train one on the train split.
+  c.data.tokenizer_model_type = "bpe"  # SentencePiece model type when training: bpe or unigram.
+  c.data.character_coverage = 1.0  # SentencePiece character coverage when training.
+  c.data.byte_fallback = True  # Unknown characters fall back to bytes.
+  c.data.prefetch = 2  # Batches prepared ahead in a background thread.
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 3e-3  # Peak learning rate.
+  c.optim.warmup_steps = 30  # Linear warm-up steps.
+  c.optim.final_lr_ratio = 0.1  # Cosine decays to learning_rate * final_lr_ratio.
+  c.optim.weight_decay = 0.1  # AdamW decoupled weight decay (matrices only).
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables it.
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 300  # Total optimizer steps.
+  c.train.microbatches = 1  # Gradient accumulation: micro-batches per step.
+  c.train.log_every = 25  # Steps between metric logs (the only host syncs).
+  c.train.eval_every = 100  # Steps between validation evaluations; 0 disables.
+  c.train.eval_batches = 8  # Validation batches per evaluation.
+  c.train.peak_flops_per_device = 0.0  # For MFU; 0 = look up the device kind (none on CPU).
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 100  # Steps between checkpoints (and one at the end).
+  c.checkpoint.max_to_keep = 3  # Newest checkpoints kept.
+  c.checkpoint.async_save = True  # Save in the background where the backend allows.
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 takes the remaining devices.
+  c.mesh.rules = DEFAULT_RULES  # Logical axis -> mesh axes.
+  return c
+
+
+def _fail(setting: str, message: str):
+  raise ConfigError(f"{setting}: {message}")
+
+
+def _number(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_positive_int(config, *settings: str):
+  for setting in settings:
+    value = _get(config, setting)
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
+      _fail(setting, f"must be a positive integer, got {value!r}")
+
+
+def _check_finite(config, setting: str, minimum: float, strict: bool = False):
+  value = _get(config, setting)
+  if not _number(value) or not math.isfinite(value) or value < minimum or (strict and value == minimum):
+    bound = f"> {minimum}" if strict else f">= {minimum}"
+    _fail(setting, f"must be a finite number {bound}, got {value!r}")
+
+
+def _get(config, setting: str):
+  node = config
+  for part in setting.split("."):
+    node = node[part]
+  return node
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first setting that cannot work."""
+  m, d, t, o = config.model, config.data, config.train, config.optim
+  _check_positive_int(config, "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
+                      "model.n_kv_heads", "model.d_ff", "model.max_seq_len", "data.seq_len",
+                      "data.global_batch_size", "train.steps", "train.microbatches", "train.log_every",
+                      "train.eval_batches", "checkpoint.every_steps", "checkpoint.max_to_keep")
+  if m.d_model % m.n_heads:
+    _fail("model.n_heads", f"must divide model.d_model={m.d_model}, got {m.n_heads}")
+  if (m.d_model // m.n_heads) % 2:
+    _fail("model.n_heads", f"head dimension d_model/n_heads={m.d_model // m.n_heads} must be even for RoPE")
+  if m.n_heads % m.n_kv_heads:
+    _fail("model.n_kv_heads", f"must divide model.n_heads={m.n_heads}, got {m.n_kv_heads}")
+  if m.dtype not in DTYPES:
+    _fail("model.dtype", f"must be one of {DTYPES}, got {m.dtype!r}")
+  if m.remat not in model_lib.REMAT_POLICIES:
+    _fail("model.remat", f"must be one of {model_lib.REMAT_POLICIES}, got {m.remat!r}")
+  _check_finite(config, "model.init_std", 0.0, strict=True)
+  _check_finite(config, "model.norm_eps", 0.0, strict=True)
+
+  if config.loss.name not in losses.LOSS_NAMES:
+    _fail("loss.name", f"must be one of {losses.LOSS_NAMES}, got {config.loss.name!r}")
+  _check_finite(config, "loss.gamma", 0.0)
+  _check_finite(config, "loss.sigma", 0.0)
+  if config.loss.impl != "naive":
+    _fail("loss.impl", f"must be 'naive', got {config.loss.impl!r}")
+
+  if d.seq_len > m.max_seq_len:
+    _fail("data.seq_len", f"{d.seq_len} is longer than model.max_seq_len={m.max_seq_len}")
+  _check_finite(config, "data.val_fraction", 0.0, strict=True)
+  if d.val_fraction >= 0.5:
+    _fail("data.val_fraction", f"must be below 0.5, got {d.val_fraction}")
+  if d.global_batch_size % t.microbatches:
+    _fail("train.microbatches", f"must divide data.global_batch_size={d.global_batch_size}, got {t.microbatches}")
+
+  _check_finite(config, "optim.learning_rate", 0.0, strict=True)
+  _check_finite(config, "optim.weight_decay", 0.0)
+  _check_finite(config, "optim.final_lr_ratio", 0.0)
+  _check_finite(config, "optim.grad_clip_norm", 0.0)
+  if not isinstance(o.warmup_steps, numbers.Integral) or o.warmup_steps < 0:
+    _fail("optim.warmup_steps", f"must be an integer >= 0, got {o.warmup_steps!r}")
+  if o.warmup_steps >= t.steps:
+    _fail("optim.warmup_steps", f"{o.warmup_steps} is not shorter than train.steps={t.steps}")
+  for beta in ("optim.b1", "optim.b2"):
+    value = _get(config, beta)
+    if not _number(value) or not 0.0 <= value < 1.0:
+      _fail(beta, f"must be in [0, 1), got {value!r}")
+  if not isinstance(t.eval_every, numbers.Integral) or t.eval_every < 0:
+    _fail("train.eval_every", f"must be an integer >= 0, got {t.eval_every!r}")
+  if len(tuple(config.mesh.shape)) != 3:
+    _fail("mesh.shape", f"must have 3 entries (data, fsdp, tensor), got {tuple(config.mesh.shape)}")
+
+
+# The paper's model sizes (DESIGN.md section 2), LLaMA's 32000-token vocabulary.
+PAPER_MODELS = {
+    "468m": dict(n_layers=24, d_model=1024, n_heads=16, d_ff=4096, max_seq_len=1024),
+    "1b": dict(n_layers=16, d_model=2048, n_heads=8, d_ff=8192, max_seq_len=1024),
+    "7b": dict(n_layers=32, d_model=4096, n_heads=32, d_ff=11008, max_seq_len=2048),
+}
+
+
+def paper_config(size: str) -> ml_collections.ConfigDict:
+  """The paper's setup for one model size: AdamW lr 3e-4, wd 0.1, betas
+  (0.9, 0.95), 2000 warm-up steps then cosine, 200k steps, MiLe gamma 1.
+
+  The corpus and tokenizer must be set for a real run (the Pile and LLaMA's
+  tokenizer in the paper): `--config.data.source=... --config.data.tokenizer_path=...`.
+  """
+  c = base_config()
+  sizes = PAPER_MODELS[size]
+  c.model.update(vocab_size=32000, n_kv_heads=sizes["n_heads"], dtype="bfloat16", remat="full", **sizes)
+  c.data.seq_len = sizes["max_seq_len"]
+  c.data.global_batch_size = 512  # Not stated in the paper; ~0.5M tokens per step at 1024.
+  c.optim.update(learning_rate=3e-4, warmup_steps=2000, final_lr_ratio=0.1, weight_decay=0.1)
+  c.train.update(steps=200_000, log_every=100, eval_every=2000, eval_batches=32)
+  c.checkpoint.update(every_steps=2000, max_to_keep=3)
+  c.mesh.shape = (1, -1, 1)  # FSDP over all devices.
+  return c

@@ -1,0 +1,219 @@
+"""SentencePiece tokenizer: training with an on-disk cache, loading, encoding.
+
+Training is lossless by construction: identity normalisation, whitespace kept
+as is, every character of the corpus in the vocabulary (``character_coverage``
+1.0 by default) and byte fallback for anything unseen, so that
+``decode(encode(text)) == text``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+
+import sentencepiece as spm
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+# Part of the cache key: bump when the trainer options below change meaning.
+_TRAINER_VERSION = "spm-lossless-v1"
+# Paragraphs longer than this (bytes) would be skipped by the trainer.
+_MAX_SENTENCE_BYTES = 1 << 16
+
+
+def write_atomic(path: str, data: bytes) -> None:
+  """Write ``data`` to ``path`` through a temp file and ``os.replace``.
+
+  An interrupted run leaves either the old file or none, never half of one.
+  """
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; caches are shareable
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+class Tokenizer:
+  """A loaded SentencePiece model.
+
+  Token ids are Python ints in ``[0, vocab_size)``; no BOS or EOS is added
+  by ``encode``: the packer places EOS between documents itself.
+  """
+
+  def __init__(self, processor: spm.SentencePieceProcessor, model_path: str):
+    self._sp = processor
+    self._model_path = model_path
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size()
+
+  @property
+  def eos_id(self) -> int:
+    return self._sp.eos_id()
+
+  @property
+  def bos_id(self) -> int:
+    return self._sp.bos_id()
+
+  @property
+  def pad_id(self) -> int:
+    return self._sp.pad_id()
+
+  @property
+  def model_path(self) -> str:
+    """The ``.model`` file this tokenizer was loaded from."""
+    return self._model_path
+
+  def serialized_model(self) -> bytes:
+    """The model protobuf, byte for byte what ``model_path`` holds."""
+    return self._sp.serialized_model_proto()
+
+  def fingerprint(self) -> str:
+    """A hex digest of the model: equal fingerprints tokenize identically."""
+    return hashlib.sha256(self.serialized_model()).hexdigest()[:16]
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of one string."""
+    return self._sp.encode(text, out_type=int)
+
+  def encode_batch(self, texts: Sequence[str], num_threads: int = 0) -> list[list[int]]:
+    """Token ids of many strings, encoded in parallel.
+
+    Args:
+      num_threads: 0 means one per CPU core.
+    """
+    threads = num_threads or os.cpu_count() or 1
+    return self._sp.encode(list(texts), out_type=int, num_threads=threads)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """The text of a sequence of token ids."""
+    return self._sp.decode([int(i) for i in ids])
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+  """Load a SentencePiece ``.model`` file."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"tokenizer model file not found: {path!r}")
+  processor = spm.SentencePieceProcessor(model_file=path)
+  return Tokenizer(processor, path)
+
+
+def _cache_path(cache_dir: str, **key) -> str:
+  blob = json.dumps({"version": _TRAINER_VERSION, **key}, sort_keys=True)
+  digest = hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+  return os.path.join(cache_dir, f"spm-{key['model_type']}-{key['vocab_size']}-{digest}.model")
+
+
+def _paragraphs(texts: Sequence[str]) -> Iterator[str]:
+  """Training sentences: paragraphs, newlines inside them kept."""
+  for text in texts:
+    for para in text.split("\n\n"):
+      if para.strip():
+        yield para
+
+
+def train_tokenizer(
+    texts: Sequence[str],
+    vocab_size: int,
+    cache_dir: str,
+    *,
+    corpus_key: str,
+    model_type: str = "bpe",
+    character_coverage: float = 1.0,
+    byte_fallback: bool = True,
+    input_sentence_size: int = 1_000_000,
+    num_threads: int = 0,
+) -> Tokenizer:
+  """Train a tokenizer on ``texts``, or load it from the cache.
+
+  The cache file is keyed by ``corpus_key`` (which must change whenever
+  ``texts`` do) and the training settings; a second call with the same key
+  loads the file without training.
+
+  Args:
+    texts: training documents.
+    vocab_size: exact size of the trained vocabulary, special ids included
+      (pad 0, unk 1, bos 2, eos 3).
+    cache_dir: directory for the ``.model`` files.
+    corpus_key: identifies the corpus, e.g. a hash of its contents.
+    model_type: ``"bpe"`` or ``"unigram"``.
+    character_coverage: fraction of characters the vocabulary must cover.
+    byte_fallback: encode unseen characters as UTF-8 byte tokens (costs 256
+      vocabulary entries).
+    input_sentence_size: at most this many paragraphs are sampled for
+      training (with a fixed seed).
+    num_threads: trainer threads; 0 means one per CPU core.
+
+  Raises:
+    ValueError: if ``vocab_size`` is impossible for this corpus.
+  """
+  if model_type not in ("bpe", "unigram"):
+    raise ValueError(
+        f"data.tokenizer_model_type must be 'bpe' or 'unigram', got {model_type!r}"
+    )
+  path = _cache_path(
+      cache_dir,
+      corpus_key=corpus_key,
+      vocab_size=vocab_size,
+      model_type=model_type,
+      character_coverage=character_coverage,
+      byte_fallback=byte_fallback,
+      input_sentence_size=input_sentence_size,
+  )
+  if os.path.isfile(path):
+    return load_tokenizer(path)
+
+  # Makes the paragraph sampling repeatable when the corpus is larger than
+  # input_sentence_size (the seed is process-global in sentencepiece).
+  spm.set_random_generator_seed(0)
+  model = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_paragraphs(texts),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        byte_fallback=byte_fallback,
+        pad_id=PAD_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        max_sentence_length=_MAX_SENTENCE_BYTES,
+        input_sentence_size=input_sentence_size,
+        shuffle_input_sentence=True,
+        num_threads=num_threads or os.cpu_count() or 1,
+        minloglevel=2,
+    )
+  except RuntimeError as e:
+    if "Vocabulary size" in str(e):
+      raise ValueError(
+          f"model.vocab_size={vocab_size} is impossible for this corpus with "
+          f"model_type={model_type!r}, byte_fallback={byte_fallback}: {e}"
+      ) from e
+    raise
+  processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
+  if processor.get_piece_size() != vocab_size:
+    # hard_vocab_limit makes this unreachable; kept as a guard on the contract.
+    raise ValueError(
+        f"trained vocabulary has {processor.get_piece_size()} pieces, "
+        f"model.vocab_size asks for {vocab_size}"
+    )
+  write_atomic(path, model.getvalue())
+  return Tokenizer(processor, path)

@@ -1,0 +1,214 @@
+"""A LLaMA-style decoder in Flax Linen.
+
+RMSNorm, rotary position embeddings, SwiGLU feed-forward, causal attention
+with optional grouped-query heads, no biases, untied input and output
+embeddings. Every parameter carries logical axis names; activations are
+constrained by logical names too, and `mile_jax.sharding` maps both to mesh
+axes. Parameters are float32; the compute dtype is configurable.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """Decoder hyper-parameters (a frozen, hashable copy of `config.model`)."""
+  vocab_size: int = 1024
+  d_model: int = 128
+  n_layers: int = 4
+  n_heads: int = 4
+  n_kv_heads: int = 4
+  d_ff: int = 384
+  max_seq_len: int = 256
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  init_std: float = 0.01
+  dtype: str = "float32"
+  remat: str = "none"
+
+  @classmethod
+  def from_config(cls, model_config: Any) -> "DecoderConfig":
+    return cls(**{f.name: model_config[f.name] for f in dataclasses.fields(cls)})
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+
+def _init(std: float, names: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), names)
+
+
+class RMSNorm(nn.Module):
+  """x / rms(x) * scale, computed in float32."""
+  eps: float
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):  # (B, T, D)
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * scale).astype(self.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, rotating the two halves of the head dimension.
+
+  Args:
+    x: (B, T, N, H) queries or keys.
+    positions: (B, T) integer positions.
+  """
+  half = x.shape[-1] // 2
+  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # (H/2,)
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, H/2)
+  sin = jnp.sin(angles)[:, :, None, :]
+  cos = jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class Einsum(nn.Module):
+  """A bias-free projection: einsum(`equation`, x, kernel) with a float32 kernel."""
+  shape: tuple[int, ...]
+  names: tuple[str | None, ...]
+  equation: str
+  init_std: float
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", _init(self.init_std, self.names), self.shape, jnp.float32)
+    return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class Attention(nn.Module):
+  """Causal multi-head attention with grouped-query key/value heads."""
+  cfg: DecoderConfig
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids):  # x: (B, T, D)
+    cfg = self.cfg
+    d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    proj = lambda shape, names, eq, name: Einsum(shape, names, eq, cfg.init_std, cfg.compute_dtype, name=name)
+    q = proj((d, n, h), ("embed", "heads", "kv"), "BTD,DNH->BTNH", "query")(x)
+    key = proj((d, k, h), ("embed", "kv_heads", "kv"), "BTD,DKH->BTKH", "key")(x)
+    value = proj((d, k, h), ("embed", "kv_heads", "kv"), "BTD,DKH->BTKH", "value")(x)
+    q = nn.with_logical_constraint(apply_rope(q, positions, cfg.rope_theta),
+                                   ("activation_batch", "activation_length", "activation_heads", None))
+    key = apply_rope(key, positions, cfg.rope_theta)
+    mask = None
+    if segment_ids is not None:
+      mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # (B, 1, T, T)
+    out = jax.nn.dot_product_attention(q, key, value, mask=mask, is_causal=True)  # (B, T, N, H)
+    out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
+    return proj((n, h, d), ("heads", "kv", "embed"), "BTNH,NHD->BTD", "out")(out)
+
+
+class MLP(nn.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+  cfg: DecoderConfig
+
+  @nn.compact
+  def __call__(self, x):  # (B, T, D)
+    cfg = self.cfg
+    d, f = cfg.d_model, cfg.d_ff
+    proj = lambda shape, names, eq, name: Einsum(shape, names, eq, cfg.init_std, cfg.compute_dtype, name=name)
+    gate = proj((d, f), ("embed", "mlp"), "BTD,DF->BTF", "gate")(x)
+    up = proj((d, f), ("embed", "mlp"), "BTD,DF->BTF", "up")(x)
+    hidden = nn.with_logical_constraint(nn.silu(gate) * up,
+                                        ("activation_batch", "activation_length", "activation_mlp"))
+    return proj((f, d), ("mlp", "embed"), "BTF,FD->BTD", "down")(hidden)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: attention then feed-forward."""
+  cfg: DecoderConfig
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids):  # (B, T, D)
+    cfg = self.cfg
+    x = x + Attention(cfg, name="attention")(
+        RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attention_norm")(x), positions, segment_ids)
+    x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="mlp_norm")(x))
+    return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+
+
+def _remat_block(policy: str):
+  if policy == "none":
+    return Block
+  policies = {
+      "full": None,
+      "dots": jax.checkpoint_policies.checkpoint_dots,
+      "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  }
+  return nn.remat(Block, policy=policies[policy], prevent_cse=True)
+
+
+class Decoder(nn.Module):
+  """Token ids (B, T) -> logits (B, T, V) in the compute dtype.
+
+  `positions` defaults to 0..T-1; `segment_ids` (B, T), when given, stops
+  attention across packed documents. With `return_hidden=True` the module
+  returns the final normalised hidden states (B, T, D) instead of logits,
+  for losses that apply the unembedding themselves.
+  """
+  cfg: DecoderConfig
+
+  @nn.compact
+  def __call__(self, tokens, positions=None, segment_ids=None, return_hidden: bool = False):
+    cfg = self.cfg
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+                     embedding_init=_init(cfg.init_std, ("vocab", "embed")), name="embed")
+    x = embed(tokens)  # (B, T, D)
+    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+    block = _remat_block(cfg.remat)
+    for i in range(cfg.n_layers):
+      x = block(cfg, name=f"layer_{i}")(x, positions, segment_ids)
+    x = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x)
+    if return_hidden:
+      return x
+    logits = Einsum((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), "BTD,DV->BTV", cfg.init_std,
+                    cfg.compute_dtype, name="lm_head")(x)
+    return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+
+def abstract_params(cfg: DecoderConfig, seq_len: int = 8):
+  """Parameter shapes with logical-axis boxes, from `jax.eval_shape` (no allocation)."""
+  tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+  variables = jax.eval_shape(lambda t: Decoder(cfg).init(jax.random.key(0), t), tokens)
+  return variables["params"]
+
+
+def count_params(params) -> int:
+  """Number of scalars in a (possibly abstract or boxed) parameter tree."""
+  return sum(int(x.size) for x in jax.tree.leaves(nn.unbox(params)))
+
+
+def flops_per_token(cfg: DecoderConfig, seq_len: int) -> float:
+  """Training FLOPs per token: 6 x (matmul parameters) + causal attention.
+
+  Matmul parameters exclude the input embedding (a gather). Attention adds
+  6 * n_layers * d_model * seq_len for QK^T and AV with the causal half
+  (forward 2 matmuls x 2 FLOPs x T/2 average length, times 3 for backward).
+  """
+  per_layer = (2 * cfg.d_model * cfg.n_heads * cfg.head_dim
+               + 2 * cfg.d_model * cfg.n_kv_heads * cfg.head_dim
+               + 3 * cfg.d_model * cfg.d_ff)
+  matmul_params = cfg.n_layers * per_layer + cfg.d_model * cfg.vocab_size
+  return 6.0 * matmul_params + 6.0 * cfg.n_layers * cfg.d_model * seq_len

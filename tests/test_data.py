@@ -1,0 +1,339 @@
+"""Tests of the data pipeline: corpus, tokenizer, packing, make_data, prefetching."""
+
+import collections
+import os
+import time
+
+import ml_collections
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from mile_jax.data import builtin, pipeline
+from mile_jax.data.packing import PackedDataset
+from mile_jax.data.pipeline import Prefetcher, make_data
+from mile_jax.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+
+VOCAB = 512
+EOS = 0
+
+
+@pytest.fixture(scope="module")
+def corpus():
+  return builtin.pydocs_documents()
+
+
+@pytest.fixture(scope="module")
+def split(corpus):
+  return builtin.split_documents(corpus, 0.1)
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tokenizers"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(split, tok_dir):
+  return train_tokenizer([t for _, t in split[0]], VOCAB, tok_dir, corpus_key="pydocs-test")
+
+
+def tiny_docs():
+  """Documents whose tokens are all distinct, so every token is traceable."""
+  lengths = [3, 7, 1, 12, 5, 9, 2, 6, 4, 8, 11, 3]
+  return np.split(np.arange(1, 1 + sum(lengths), dtype=np.int32), np.cumsum(lengths)[:-1])
+
+
+def expected_stream(docs, order):
+  """The epoch stream built independently: documents in ``order``, EOS after each."""
+  return np.concatenate([np.append(docs[i], EOS) for i in order])
+
+
+def test_corpus_contents(corpus):
+  ids = [doc_id for doc_id, _ in corpus]
+  assert ids == sorted(ids) and len(set(ids)) == len(ids)
+  assert len(corpus) > 300
+  assert sum(len(t) for _, t in corpus) > 1_500_000
+  assert all(len(t) >= builtin.MIN_DOCUMENT_CHARS for _, t in corpus)
+  assert "json" in ids and "topic:if" in ids
+  assert not any(i.startswith(("test.", "idlelib", "lib2to3")) or ".tests" in i for i in ids)
+  text = dict(corpus)["json"]
+  assert text.startswith("JSON (JavaScript Object Notation)")
+
+
+def test_corpus_is_deterministic(corpus):
+  # Bypass the in-process cache: a second real extraction must be identical.
+  assert list(builtin._pydocs_documents_cached.__wrapped__()) == corpus
+
+
+def test_corpus_walk_rules(tmp_path, monkeypatch):
+  prose = "x" * 250
+  files = {
+      "alpha.py": f'"""{prose} alpha"""\ndef f():\n    """inner doc"""\n',
+      "pkg/__init__.py": f'"""{prose} pkg"""\n',
+      "pkg/mod.py": f'raise SystemExit("imported!")\nclass C:\n    """{prose} mod"""\n',
+      "short.py": '"""too short"""\n',
+      "broken.py": f'"""{prose}"""\ndef (:\n',
+  }
+  for skipped in ("tests/t.py", "idlelib/x.py", "site-packages/y.py", "config-3.11/z.py"):
+    files[skipped] = f'"""{prose}"""\n'
+  for rel, source in files.items():
+    path = tmp_path / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(source)
+  monkeypatch.setattr(builtin.sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
+  docs = dict(builtin._pydocs_documents_cached.__wrapped__())
+  modules = {k: v for k, v in docs.items() if not k.startswith("topic:")}
+  assert sorted(modules) == ["alpha", "pkg", "pkg.mod"]
+  assert modules["alpha"] == f"{prose} alpha\n\ninner doc"
+  assert modules["pkg.mod"] == f"{prose} mod"
+  assert any(k.startswith("topic:") for k in docs)
+
+
+def test_split_is_disjoint_complete_and_stable(corpus):
+  train, val = builtin.split_documents(corpus, 0.2)
+  train_ids, val_ids = {d[0] for d in train}, {d[0] for d in val}
+  assert not train_ids & val_ids
+  assert train_ids | val_ids == {d[0] for d in corpus}
+  assert abs(len(val) / len(corpus) - 0.2) < 0.06
+  # Assignment depends on the id only, not on order or the other documents.
+  _, val2 = builtin.split_documents(corpus[::-1][:200], 0.2)
+  assert {d[0] for d in val2} == val_ids & {d[0] for d in corpus[::-1][:200]}
+  assert builtin.split_documents(corpus, 0.0) == (corpus, [])
+  with pytest.raises(ValueError, match="data.val_fraction"):
+    builtin.split_documents(corpus, 1.0)
+
+
+def test_tokenizer_round_trip(tokenizer, split):
+  train_docs, val_docs = split
+  texts = [t for _, t in train_docs[:5] + val_docs[:5]]
+  texts += ["  Indented\tcode:\n\n    x = [1,  2]\n", "naïve café — ünïcode ✓ 漢字"]
+  for text in texts:
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+  batch = tokenizer.encode_batch(texts)
+  assert batch == [tokenizer.encode(t) for t in texts]
+  # It compresses: clearly fewer ids than characters.
+  assert sum(map(len, batch)) < 0.75 * sum(map(len, texts))
+
+
+def test_tokenizer_vocab_and_special_ids(tokenizer, tok_dir):
+  assert tokenizer.vocab_size == VOCAB
+  assert (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id) == (0, 2, 3)
+  ids = tokenizer.encode("The quick brown fox.")
+  assert all(0 <= i < VOCAB for i in ids) and tokenizer.eos_id not in ids
+  assert os.path.dirname(tokenizer.model_path) == tok_dir
+  with open(tokenizer.model_path, "rb") as f:
+    assert f.read() == tokenizer.serialized_model()
+  assert load_tokenizer(tokenizer.model_path).encode("abc def") == tokenizer.encode("abc def")
+
+
+def test_tokenizer_cache_hit_does_not_retrain(tokenizer, split, tok_dir, monkeypatch):
+  mtime = os.stat(tokenizer.model_path).st_mtime_ns
+
+  def no_training(**kwargs):
+    raise AssertionError("trained again despite a cached model")
+
+  monkeypatch.setattr(spm.SentencePieceTrainer, "train", no_training)
+  texts = [t for _, t in split[0]]  # the same corpus as the fixture
+  again = train_tokenizer(texts, VOCAB, tok_dir, corpus_key="pydocs-test")
+  assert again.model_path == tokenizer.model_path
+  assert again.serialized_model() == tokenizer.serialized_model()
+  assert os.stat(tokenizer.model_path).st_mtime_ns == mtime
+  # A different key is a different model, so it must train (and here fail).
+  with pytest.raises(AssertionError, match="trained again"):
+    train_tokenizer(texts, VOCAB, tok_dir, corpus_key="another-corpus")
+
+
+def test_tokenizer_errors(tmp_path):
+  with pytest.raises(ValueError, match="model.vocab_size=5000"):
+    train_tokenizer(["hello world, a tiny corpus"] * 5, 5000, str(tmp_path), corpus_key="t")
+  assert not list(tmp_path.iterdir())  # nothing half-written
+  missing = str(tmp_path / "nope.model")
+  with pytest.raises(FileNotFoundError, match="nope.model"):
+    load_tokenizer(missing)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_epoch_covers_documents_exactly(shuffle):
+  docs, seq_len, seed = tiny_docs(), 6, 3
+  ds = PackedDataset(docs, seq_len, EOS, seed, shuffle=shuffle)
+  total = sum(len(d) for d in docs) + len(docs)
+  assert ds.rows_per_epoch == total // (seq_len + 1)
+  orders = [np.arange(len(docs))] * 2
+  if shuffle:
+    orders = [np.random.default_rng([seed, e]).permutation(len(docs)) for e in range(2)]
+    assert not np.array_equal(*orders)  # so epoch 1 is checked against a new order
+  for epoch, order in enumerate(orders):
+    stream = expected_stream(docs, order)
+    first = epoch * ds.rows_per_epoch
+    rows = ds.rows(np.arange(first, first + ds.rows_per_epoch))
+    assert rows.dtype == np.int32 and rows.shape == (ds.rows_per_epoch, seq_len + 1)
+    kept = ds.rows_per_epoch * (seq_len + 1)
+    np.testing.assert_array_equal(rows.ravel(), stream[:kept])
+    tail = stream[kept:]
+    assert len(tail) == total % (seq_len + 1)
+    everything = collections.Counter(np.concatenate(docs).tolist())
+    everything[EOS] += len(docs)
+    covered = collections.Counter(rows.ravel().tolist()) + collections.Counter(tail.tolist())
+    assert covered == everything
+
+
+def test_from_flat_matches_list_constructor():
+  docs = tiny_docs()
+  offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])])
+  a = PackedDataset(docs, 5, EOS, seed=1)
+  b = PackedDataset.from_flat(np.concatenate(docs), offsets, 5, EOS, seed=1)
+  idx = np.arange(3 * a.rows_per_epoch)
+  np.testing.assert_array_equal(a.rows(idx), b.rows(idx))
+
+
+def test_batch_shift_and_dtypes():
+  ds = PackedDataset(tiny_docs(), 4, EOS, seed=0)
+  b = ds.batch(step=2, global_batch_size=3)
+  rows = ds.rows(np.arange(6, 9))
+  assert b["inputs"].dtype == np.int32 and b["targets"].dtype == np.int32
+  assert b["mask"].dtype == np.float32 and b["mask"].shape == (3, 4)
+  np.testing.assert_array_equal(b["inputs"], rows[:, :-1])
+  np.testing.assert_array_equal(b["targets"], rows[:, 1:])
+  np.testing.assert_array_equal(b["inputs"][:, 1:], b["targets"][:, :-1])
+  assert (b["mask"] == 1).all()
+
+
+def test_batches_are_a_function_of_seed_and_step():
+  a = PackedDataset(tiny_docs(), 4, EOS, seed=7)
+  b = PackedDataset(tiny_docs(), 4, EOS, seed=7)
+  c = PackedDataset(tiny_docs(), 4, EOS, seed=8)
+  inputs = lambda ds, step: ds.batch(step, 4)["inputs"]  # noqa: E731
+  # b is asked out of order, so its epoch cache holds something else each time.
+  for step in [5, 0, 11, 3]:
+    for key in ("inputs", "targets", "mask"):
+      np.testing.assert_array_equal(a.batch(step, 4)[key], b.batch(step, 4)[key])
+  assert any(not np.array_equal(inputs(a, s), inputs(c, s)) for s in range(3))
+
+
+def test_process_shares_concatenate_to_global_batch():
+  ds = PackedDataset(tiny_docs(), 4, EOS, seed=1)
+  global_batch = 6
+  # Steps 0..5 include batches that straddle an epoch boundary.
+  assert ds.rows_per_epoch % global_batch != 0
+  for step in range(6):
+    whole = PackedDataset(tiny_docs(), 4, EOS, seed=1).batch(step, global_batch)
+    shares = [ds.batch(step, global_batch, p, 2) for p in (1, 0)][::-1]
+    for key in whole:
+      assert shares[0][key].shape[0] == 3
+      np.testing.assert_array_equal(np.concatenate([s[key] for s in shares]), whole[key])
+
+
+def test_batch_errors():
+  ds = PackedDataset(tiny_docs(), 4, EOS, seed=0)
+  with pytest.raises(ValueError, match="data.global_batch_size=3"):
+    ds.batch(0, 3, process_index=0, process_count=2)
+  with pytest.raises(ValueError, match="data.seq_len"):
+    ds.batch(0, ds.rows_per_epoch + 1)
+  big = PackedDataset(tiny_docs(), 1000, EOS, seed=0)
+  with pytest.raises(ValueError, match="data.seq_len"):
+    big.batch(0, 1)
+
+
+def data_config(cache_dir, **overrides):
+  fields = dict(source="builtin:pydocs", val_fraction=0.1, cache_dir=str(cache_dir))
+  fields.update(tokenizer_path="", tokenizer_model_type="bpe", character_coverage=1.0)
+  fields.update(byte_fallback=True, **overrides)
+  return ml_collections.ConfigDict(fields)
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("data_cache")
+
+
+def test_make_data_splits_and_cache(data_cache, split, monkeypatch):
+  first = make_data(data_config(data_cache), VOCAB, 64, seed=0)
+  train_docs, val_docs = split
+  assert first.tokenizer.vocab_size == VOCAB
+  assert first.train.num_documents == len(train_docs)
+  assert first.validation.num_documents == len(val_docs)
+  assert not first.validation.shuffle and first.train.shuffle
+  # The validation stream is the held-out documents in order, EOS between.
+  eos = first.tokenizer.eos_id
+  stream = first.validation.rows(np.arange(first.validation.rows_per_epoch)).ravel()
+  ends = np.nonzero(stream == eos)[0]
+  assert first.tokenizer.decode(stream[: ends[0]]) == val_docs[0][1]
+  assert first.tokenizer.decode(stream[ends[0] + 1 : ends[1]]) == val_docs[1][1]
+
+  cached = sorted(p.name for p in (data_cache / "tokens").iterdir())
+  assert len(cached) == 2
+
+  def no_encoding(*args, **kwargs):
+    raise AssertionError("tokenized again despite the cache")
+
+  monkeypatch.setattr(Tokenizer, "encode_batch", no_encoding)
+  monkeypatch.setattr(spm.SentencePieceTrainer, "train", no_encoding)
+  start = time.perf_counter()
+  second = make_data(data_config(data_cache), VOCAB, 64, seed=0)
+  assert time.perf_counter() - start < 2.0
+  assert sorted(p.name for p in (data_cache / "tokens").iterdir()) == cached
+  assert second.tokenizer.model_path == first.tokenizer.model_path
+  for step in range(3):
+    a, b = first.train.batch(step, 8), second.train.batch(step, 8)
+    np.testing.assert_array_equal(a["inputs"], b["inputs"])
+
+
+def test_make_data_errors(data_cache, tokenizer):
+  with pytest.raises(ValueError, match="data.source='nope'.*builtin:pydocs"):
+    make_data(data_config(data_cache, source="nope"), VOCAB, 64, seed=0)
+  path = tokenizer.model_path
+  with pytest.raises(ValueError, match=r"model.vocab_size=1024.*data.tokenizer_path.*512"):
+    make_data(data_config(data_cache, tokenizer_path=path), 1024, 64, seed=0)
+  given = make_data(data_config(data_cache, tokenizer_path=path), VOCAB, 64, seed=0)
+  assert given.tokenizer.serialized_model() == tokenizer.serialized_model()
+
+
+def test_cache_dir_resolution(monkeypatch):
+  monkeypatch.setenv("MILE_JAX_CACHE", "/some/where")
+  assert pipeline.resolve_cache_dir("") == "/some/where"
+  assert pipeline.resolve_cache_dir("/explicit") == "/explicit"
+  monkeypatch.delenv("MILE_JAX_CACHE")
+  assert pipeline.resolve_cache_dir("") == os.path.expanduser("~/.cache/mile_jax")
+
+
+def test_prefetcher_order_and_bound():
+  calls = []
+
+  def make_batch(step):
+    calls.append(step)
+    return {"x": np.full(2, step)}
+
+  with Prefetcher(make_batch, start_step=5, buffer_size=2) as prefetcher:
+    time.sleep(0.3)
+    # Two batches queued and at most one more made, waiting for room.
+    assert len(calls) <= 3
+    for expected in range(5, 11):
+      step, batch = prefetcher.next()
+      assert step == expected
+      np.testing.assert_array_equal(batch["x"], [expected, expected])
+  assert not prefetcher._thread.is_alive()
+
+
+def test_prefetcher_propagates_exceptions():
+  def make_batch(step):
+    if step == 2:
+      raise KeyError("boom at step 2")
+    return step
+
+  prefetcher = Prefetcher(make_batch)
+  assert [prefetcher.next() for _ in range(2)] == [(0, 0), (1, 1)]
+  for _ in range(2):
+    with pytest.raises(KeyError, match="boom at step 2"):
+      prefetcher.next()
+  prefetcher.close()
+  assert not prefetcher._thread.is_alive()
+
+
+def test_prefetcher_close_stops_a_blocked_thread():
+  prefetcher = Prefetcher(lambda step: step, buffer_size=1)
+  time.sleep(0.2)  # the thread is now blocked on a full queue
+  prefetcher.close()
+  assert not prefetcher._thread.is_alive()
+  with pytest.raises(RuntimeError, match="closed"):
+    prefetcher.next()
