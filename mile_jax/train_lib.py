@@ -66,7 +66,8 @@ def _microbatches(batch: dict[str, jax.Array], count: int) -> dict[str, jax.Arra
 
 def loss_sums_fn(params, batch, *, model: nn.Module, loss_config: Any) -> dict[str, jax.Array]:
   """The loss sums (see `losses.loss_sums`) of one batch under `params`."""
-  logits = model.apply({"params": params}, batch["inputs"], segment_ids=batch.get("segment_ids"))
+  logits = model.apply({"params": params}, batch["inputs"], positions=batch.get("positions"),
+                       segment_ids=batch.get("segment_ids"))
   return losses.loss_sums(loss_config.name, logits, batch["targets"], batch["mask"],
                           gamma=loss_config.gamma, sigma=loss_config.sigma)
 
@@ -214,8 +215,7 @@ class Trainer:
     primary = jax.process_index() == 0
     writer = metrics_lib.MetricWriter(self.workdir, enabled=primary, echo=self.echo)
     if primary:
-      with open(os.path.join(self.workdir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(cfg.to_json_best_effort(indent=2))
+      write_run_files(self.workdir, cfg, data)
     state = self.initial_state()
     start = int(state.step)
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
@@ -252,6 +252,17 @@ class Trainer:
       self.checkpointer.wait()
       writer.close()
     return state
+
+
+def write_run_files(workdir: str, config, data) -> None:
+  """What eval.py needs besides checkpoints: `config.json`, `tokenizer.model`
+  and `token_counts.npy` (int64 [vocab], training-split occurrences per id)."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  with open(os.path.join(workdir, "tokenizer.model"), "wb") as f:
+    f.write(data.tokenizer.serialized_model())
+  np.save(os.path.join(workdir, "token_counts.npy"), data.train.token_counts(config.model.vocab_size))
 
 
 @contextlib.contextmanager

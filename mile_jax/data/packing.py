@@ -96,6 +96,12 @@ class PackedDataset:
     """Document tokens, EOS not counted."""
     return len(self._tokens)
 
+  def token_counts(self, vocab_size: int) -> np.ndarray:
+    """Occurrences of each token id over one epoch, EOS included: int64 [vocab_size]."""
+    counts = np.bincount(self._tokens, minlength=vocab_size).astype(np.int64)
+    counts[self.eos_id] += self.num_documents
+    return counts
+
   def document_order(self, epoch: int) -> np.ndarray:
     """The document permutation of ``epoch``: int64 [num_documents]."""
     if not self.shuffle:
