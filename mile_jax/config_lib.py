@@ -14,6 +14,7 @@ from mile_jax import losses
 from mile_jax import model as model_lib
 
 DTYPES = ("float32", "bfloat16", "float16")
+LOSS_IMPLS = ("naive", "chunked")
 
 # Logical axis -> mesh axes. Parameters use the plain names, activations the
 # `activation_*` names, so that a dimension can be sharded differently when it
@@ -62,7 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.name = "mile"  # mile, focal or cross_entropy.
   c.loss.gamma = 1.0  # Exponent of the weight (mile and focal); 0 gives cross-entropy.
   c.loss.sigma = 1.0  # MiLe's offset in (sigma + entropy) ** gamma.
-  c.loss.impl = "naive"  # naive: full logits then the loss.
+  c.loss.impl = "naive"  # naive: full logits then the loss; chunked: blockwise from hidden states (fused_loss.py).
+  c.loss.block_size = 256  # chunked: tokens per block (the [block, vocab] logits are the largest temporary).
+  c.loss.vocab_block_size = 0  # chunked: vocabulary columns per block with an online logsumexp; 0 = whole vocabulary.
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "builtin:pydocs"  # Corpus; see the README for the sources.
@@ -74,6 +77,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tokenizer_model_type = "bpe"  # SentencePiece model type when training: bpe or unigram.
   c.data.character_coverage = 1.0  # SentencePiece character coverage when training.
   c.data.byte_fallback = True  # Unknown characters fall back to bytes.
+  c.data.tokenizer_train_documents = 100_000  # Train the tokenizer on at most this many train documents.
+  c.data.add_bos = False  # Put the tokenizer's BOS before every document (targets at BOS are masked).
+  c.data.add_eos = True  # Put the tokenizer's EOS after every document.
+  c.data.segment_documents = False  # Batches carry segment_ids/positions: attention stays in a document.
+  c.data.data_dir = ""  # files: where to prepare ("" = cache_dir/prepared); tfds: TFDS data_dir (or gs://).
+  c.data.train_split = "train"  # tfds: training split (TFDS slicing such as "train[:90%]" works).
+  c.data.val_split = ""  # tfds: validation split; "" = "validation" if present, else hold out val_fraction.
+  c.data.text_field = "text"  # Text field of JSON Lines records and of TFDS features.
+  c.data.txt_documents = "file"  # files: a .txt is one document ("file") or one per blank-line block.
+  c.data.decode_errors = "replace"  # files: invalid UTF-8 is replaced (U+FFFD) or the document skipped ("skip").
+  c.data.tfds_download = False  # tfds: download and prepare (as array_record) a dataset that is missing.
+  c.data.synthetic_train_tokens = 1_000_000  # synthetic:zipf: training tokens sampled.
+  c.data.synthetic_val_tokens = 100_000  # synthetic:zipf: validation tokens (an independent sample).
+  c.data.synthetic_seed = 0  # synthetic:zipf: seeds the language itself (not the data order).
+  c.data.synthetic_zipf_exponent = 1.1  # synthetic:zipf: exponent of the unigram start distribution.
   c.data.prefetch = 2  # Batches prepared ahead in a background thread.
 
   c.optim = ml_collections.ConfigDict()
@@ -93,6 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 100  # Steps between validation evaluations; 0 disables.
   c.train.eval_batches = 8  # Validation batches per evaluation.
   c.train.peak_flops_per_device = 0.0  # For MFU; 0 = look up the device kind (none on CPU).
+  c.train.skip_nonfinite = False  # Skip (and count) updates with a non-finite loss or gradient; False = stop.
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 100  # Steps between checkpoints (and one at the end).
@@ -102,6 +121,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 takes the remaining devices.
   c.mesh.rules = DEFAULT_RULES  # Logical axis -> mesh axes.
+
+  # Multi-process runs (see mile_jax/distributed.py). Left unset, a run on a
+  # TPU VM or under SLURM finds these itself, and anywhere else runs alone.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ""  # host:port of process 0; "" = $JAX_COORDINATOR_ADDRESS or detect.
+  c.distributed.num_processes = 0  # Processes in the run; 0 = $JAX_NUM_PROCESSES or detect.
+  c.distributed.process_id = -1  # This process's index; -1 = $JAX_PROCESS_ID or detect.
   return c
 
 
@@ -158,14 +184,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("loss.name", f"must be one of {losses.LOSS_NAMES}, got {config.loss.name!r}")
   _check_finite(config, "loss.gamma", 0.0)
   _check_finite(config, "loss.sigma", 0.0)
-  if config.loss.impl != "naive":
-    _fail("loss.impl", f"must be 'naive', got {config.loss.impl!r}")
+  if config.loss.impl not in LOSS_IMPLS:
+    _fail("loss.impl", f"must be one of {LOSS_IMPLS}, got {config.loss.impl!r}")
+  _check_positive_int(config, "loss.block_size")
+  vocab_block = config.loss.vocab_block_size
+  if not isinstance(vocab_block, numbers.Integral) or isinstance(vocab_block, bool) or vocab_block < 0:
+    _fail("loss.vocab_block_size", f"must be an integer >= 0 (0 = whole vocabulary), got {vocab_block!r}")
 
   if d.seq_len > m.max_seq_len:
     _fail("data.seq_len", f"{d.seq_len} is longer than model.max_seq_len={m.max_seq_len}")
   _check_finite(config, "data.val_fraction", 0.0, strict=True)
   if d.val_fraction >= 0.5:
     _fail("data.val_fraction", f"must be below 0.5, got {d.val_fraction}")
+  _check_data(config)
   if d.global_batch_size % t.microbatches:
     _fail("train.microbatches", f"must divide data.global_batch_size={d.global_batch_size}, got {t.microbatches}")
 
@@ -183,8 +214,34 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _fail(beta, f"must be in [0, 1), got {value!r}")
   if not isinstance(t.eval_every, numbers.Integral) or t.eval_every < 0:
     _fail("train.eval_every", f"must be an integer >= 0, got {t.eval_every!r}")
+  for flag in ("train.skip_nonfinite", "checkpoint.async_save"):
+    if not isinstance(_get(config, flag), bool):
+      _fail(flag, f"must be True or False, got {_get(config, flag)!r}")
   if len(tuple(config.mesh.shape)) != 3:
     _fail("mesh.shape", f"must have 3 entries (data, fsdp, tensor), got {tuple(config.mesh.shape)}")
+
+
+def _check_data(config) -> None:
+  from mile_jax.data import corpus  # pylint: disable=import-outside-toplevel
+  d = config.data
+  corpus.check_source(d.source)
+  choices = {"data.tokenizer_model_type": ("bpe", "unigram"), "data.txt_documents": ("file", "blank_line"),
+             "data.decode_errors": ("replace", "skip")}
+  for setting, allowed in choices.items():
+    if _get(config, setting) not in allowed:
+      _fail(setting, f"must be one of {allowed}, got {_get(config, setting)!r}")
+  _check_positive_int(config, "data.tokenizer_train_documents", "data.prefetch", "data.synthetic_train_tokens",
+                      "data.synthetic_val_tokens")
+  _check_finite(config, "data.synthetic_zipf_exponent", 0.0, strict=True)
+  value = d.character_coverage
+  if not _number(value) or not 0.0 < value <= 1.0:
+    _fail("data.character_coverage", f"must be in (0, 1], got {value!r}")
+  for flag in ("data.add_bos", "data.add_eos", "data.segment_documents", "data.byte_fallback",
+               "data.tfds_download"):
+    if not isinstance(_get(config, flag), bool):
+      _fail(flag, f"must be True or False, got {_get(config, flag)!r}")
+  if not d.text_field:
+    _fail("data.text_field", "must name a field, got ''")
 
 
 # The paper's model sizes (DESIGN.md section 2), LLaMA's 32000-token vocabulary.
@@ -193,6 +250,14 @@ PAPER_MODELS = {
     "1b": dict(n_layers=16, d_model=2048, n_heads=8, d_ff=8192, max_seq_len=1024),
     "7b": dict(n_layers=32, d_model=4096, n_heads=32, d_ff=11008, max_seq_len=2048),
 }
+
+
+# Micro-batches per step for the paper sizes on 8 devices (mesh 1,8,1), from
+# `python -m mile_jax.plan` (README "Will it fit"): 468M and 1.2B the fewest
+# measured to fit an 80 GiB H100; 6.7B one row per device per micro-batch, the
+# least memory 8 devices allow (32 measured 165 GiB). With more devices,
+# global_batch_size must still divide by data x fsdp x microbatches.
+PAPER_MICROBATCHES = {"468m": 8, "1b": 16, "7b": 64}
 
 
 def paper_config(size: str) -> ml_collections.ConfigDict:
@@ -211,4 +276,5 @@ def paper_config(size: str) -> ml_collections.ConfigDict:
   c.train.update(steps=200_000, log_every=100, eval_every=2000, eval_batches=32)
   c.checkpoint.update(every_steps=2000, max_to_keep=3)
   c.mesh.shape = (1, -1, 1)  # FSDP over all devices.
+  c.train.microbatches = PAPER_MICROBATCHES[size]
   return c

@@ -96,8 +96,15 @@ class Einsum(nn.Module):
 
 
 class Attention(nn.Module):
-  """Causal multi-head attention with grouped-query key/value heads."""
+  """Causal multi-head attention with grouped-query key/value heads.
+
+  With `decode=True` keys and values are kept in a "cache" collection of
+  (B, S, K, H) slots: the first call (at `init`) sizes the cache from its
+  input (B, S), every later call writes its T new keys at the next T slots and
+  attends to all filled slots of the same segment.
+  """
   cfg: DecoderConfig
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x, positions, segment_ids):  # x: (B, T, D)
@@ -110,12 +117,44 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(apply_rope(q, positions, cfg.rope_theta),
                                    ("activation_batch", "activation_length", "activation_heads", None))
     key = apply_rope(key, positions, cfg.rope_theta)
-    mask = None
-    if segment_ids is not None:
-      mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # (B, 1, T, T)
-    out = jax.nn.dot_product_attention(q, key, value, mask=mask, is_causal=True)  # (B, T, N, H)
+    if self.decode and self.has_variable("cache", "cached_key"):
+      key, value, mask = self._update_cache(key, value, segment_ids)
+      out = jax.nn.dot_product_attention(q, key, value, mask=mask)  # (B, T, N, H)
+    else:
+      if self.decode:  # init: create the cache with the input's shape
+        self._cache_variables(key, value)
+      mask = None
+      if segment_ids is not None:
+        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # (B, 1, T, T)
+      out = jax.nn.dot_product_attention(q, key, value, mask=mask, is_causal=True)  # (B, T, N, H)
     out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
     return proj((n, h, d), ("heads", "kv", "embed"), "BTNH,NHD->BTD", "out")(out)
+
+  def _cache_variables(self, key, value):
+    return (self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype),
+            self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype),
+            self.variable("cache", "cached_segment_ids", jnp.zeros, key.shape[:2], jnp.int32),
+            self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32)))
+
+  def _update_cache(self, key, value, segment_ids):
+    """Writes (B, T, K, H) keys/values at the next T slots; returns the cached
+    (B, S, K, H) keys and values and the (B, 1, T, S) attention mask."""
+    cached_key, cached_value, cached_segments, index = self._cache_variables(key, value)
+    b, t = key.shape[:2]
+    start = index.value
+    if segment_ids is None:
+      segment_ids = jnp.ones((b, t), jnp.int32)
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
+                                                    (0, start, 0, 0))
+    cached_value.value = jax.lax.dynamic_update_slice(
+        cached_value.value, value.astype(cached_value.value.dtype), (0, start, 0, 0))
+    cached_segments.value = jax.lax.dynamic_update_slice(
+        cached_segments.value, segment_ids.astype(jnp.int32), (0, start))
+    index.value = start + t
+    slots = cached_segments.value.shape[1]
+    causal = jnp.arange(slots)[None, :] <= (start + jnp.arange(t))[:, None]  # (T, S)
+    same = segment_ids[:, :, None] == cached_segments.value[:, None, :]  # (B, T, S)
+    return cached_key.value, cached_value.value, (causal[None] & same)[:, None]
 
 
 class MLP(nn.Module):
@@ -137,11 +176,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
   """Pre-norm residual block: attention then feed-forward."""
   cfg: DecoderConfig
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x, positions, segment_ids):  # (B, T, D)
     cfg = self.cfg
-    x = x + Attention(cfg, name="attention")(
+    x = x + Attention(cfg, self.decode, name="attention")(
         RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attention_norm")(x), positions, segment_ids)
     x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="mlp_norm")(x))
     return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
@@ -165,8 +205,13 @@ class Decoder(nn.Module):
   attention across packed documents. With `return_hidden=True` the module
   returns the final normalised hidden states (B, T, D) instead of logits,
   for losses that apply the unembedding themselves.
+
+  With `decode=True` attention keeps a key/value cache (see `Attention`):
+  `init` on (B, S) tokens creates a cache of S slots, then each `apply` with
+  `mutable=["cache"]` feeds the next tokens with their explicit `positions`.
   """
   cfg: DecoderConfig
+  decode: bool = False
 
   @nn.compact
   def __call__(self, tokens, positions=None, segment_ids=None, return_hidden: bool = False):
@@ -177,9 +222,9 @@ class Decoder(nn.Module):
                      embedding_init=_init(cfg.init_std, ("vocab", "embed")), name="embed")
     x = embed(tokens)  # (B, T, D)
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-    block = _remat_block(cfg.remat)
+    block = Block if self.decode else _remat_block(cfg.remat)
     for i in range(cfg.n_layers):
-      x = block(cfg, name=f"layer_{i}")(x, positions, segment_ids)
+      x = block(cfg, self.decode, name=f"layer_{i}")(x, positions, segment_ids)
     x = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x)
     if return_hidden:
       return x

@@ -19,6 +19,8 @@ import tqdm
 from mile_jax import checkpoint as checkpoint_lib
 from mile_jax import config_lib
 from mile_jax import data as data_lib
+from mile_jax import faults
+from mile_jax import fused_loss
 from mile_jax import losses
 from mile_jax import metrics as metrics_lib
 from mile_jax import model as model_lib
@@ -65,22 +67,38 @@ def _microbatches(batch: dict[str, jax.Array], count: int) -> dict[str, jax.Arra
 
 
 def loss_sums_fn(params, batch, *, model: nn.Module, loss_config: Any) -> dict[str, jax.Array]:
-  """The loss sums (see `losses.loss_sums`) of one batch under `params`."""
-  logits = model.apply({"params": params}, batch["inputs"], positions=batch.get("positions"),
-                       segment_ids=batch.get("segment_ids"))
-  return losses.loss_sums(loss_config.name, logits, batch["targets"], batch["mask"],
-                          gamma=loss_config.gamma, sigma=loss_config.sigma)
+  """The loss sums (see `losses.loss_sums`) of one batch under `params`.
+
+  `loss_config.impl`: "naive" computes the logits then the loss; "chunked"
+  applies the unembedding blockwise inside `fused_loss.chunked_loss_sums`.
+  """
+  chunked = loss_config.impl == "chunked"
+  out = model.apply({"params": params}, batch["inputs"], positions=batch.get("positions"),
+                    segment_ids=batch.get("segment_ids"), return_hidden=chunked)
+  if not chunked:
+    return losses.loss_sums(loss_config.name, out, batch["targets"], batch["mask"],
+                            gamma=loss_config.gamma, sigma=loss_config.sigma)
+  # Gathered over fsdp once here, rather than inside every block of the loss.
+  kernel = nn.with_logical_constraint(params["lm_head"]["kernel"], (None, "activation_vocab"))
+  return fused_loss.chunked_loss_sums(
+      loss_config.name, out, kernel, batch["targets"], batch["mask"], gamma=loss_config.gamma,
+      sigma=loss_config.sigma, block_size=loss_config.block_size,
+      vocab_block_size=loss_config.vocab_block_size, dtype=model.cfg.compute_dtype)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, schedule: optax.Schedule, loss_config: Any,
-               microbatches: int) -> tuple[TrainState, dict[str, jax.Array]]:
+               microbatches: int, skip_nonfinite: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on a global batch {inputs, targets, mask}: (B, T) each.
 
   With micro-batches, gradients of the loss numerator are summed over
   micro-batches and divided once by the global denominator, so the step is
   exactly the full-batch step (MiLe's normaliser included).
-  Returns the new state and metric sums (normalised on the host).
+  Returns the new state and metric sums (normalised on the host), with
+  `nonfinite_steps` 1.0 when the loss or a gradient is not finite. With
+  `skip_nonfinite` such an update is not applied (params and optimizer state,
+  its count included, stay as they were; `step` still advances past the batch)
+  and the step's sums are zeroed so that logged means cover the good steps.
   """
   def numerator(params, mb):
     sums = loss_sums_fn(params, mb, model=model, loss_config=loss_config)
@@ -108,7 +126,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  # The global gradient norm is non-finite iff some gradient element is.
+  finite = jnp.isfinite(grad_norm) & jnp.isfinite(sums["loss_numerator"]) & jnp.isfinite(denominator)
   out = dict(sums, grad_norm_sum=grad_norm, learning_rate_sum=schedule(state.step), steps=jnp.ones(()))
+  if skip_nonfinite:
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    new_state = new_state.replace(params=jax.tree.map(keep, params, state.params),
+                                  opt_state=jax.tree.map(keep, opt_state, state.opt_state))
+    out = {k: jnp.where(finite, v, jnp.zeros_like(v)) for k, v in out.items()}
+  out["nonfinite_steps"] = 1.0 - finite.astype(jnp.float32)
   return new_state, out
 
 
@@ -122,10 +148,11 @@ def host_metrics(summed: dict[str, Any]) -> dict[str, float]:
   _, out = losses.normalize_sums(summed)
   out = {k: float(v) for k, v in out.items()}
   if "steps" in summed:
-    steps = float(summed["steps"])
+    steps = max(float(summed["steps"]), 1.0)  # 0 when every step was skipped as non-finite.
     out["loss"] = float(summed["loss_numerator"] / max(float(summed["loss_denominator"]), 1e-30))
     out["grad_norm"] = float(summed["grad_norm_sum"]) / steps
     out["learning_rate"] = float(summed["learning_rate_sum"]) / steps
+    out["nonfinite_steps"] = float(summed["nonfinite_steps"])
   out["perplexity"] = float(np.exp(min(out["ce"], 80.0)))
   return out
 
@@ -154,6 +181,11 @@ class Trainer:
       raise config_lib.ConfigError(
           f"data.global_batch_size: {config.data.global_batch_size} is not divisible by the "
           f"data-parallel size {dp} (mesh data x fsdp) times train.microbatches={config.train.microbatches}")
+    try:
+      faults.check_writable(self.workdir)
+    except OSError as e:
+      raise config_lib.ConfigError(
+          f"workdir: cannot write to {self.workdir} ({e.strerror or e}); choose another --workdir") from None
     self.rules = sharding.rules_tuple(config.mesh.rules)
     self.model_config = model_lib.DecoderConfig.from_config(config.model)
     self.model = model_lib.Decoder(self.model_config)
@@ -162,7 +194,8 @@ class Trainer:
         self.model, self.tx, self.mesh, self.rules, config.data.seq_len)
     batch_sharding = sharding.batch_sharding(self.mesh)
     step_fn = functools.partial(train_step, model=self.model, tx=self.tx, schedule=self.schedule,
-                                loss_config=config.loss, microbatches=config.train.microbatches)
+                                loss_config=config.loss, microbatches=config.train.microbatches,
+                                skip_nonfinite=config.train.skip_nonfinite)
     self._train_step = jax.jit(step_fn, in_shardings=(self.state_shardings, batch_sharding),
                                out_shardings=(self.state_shardings, None), donate_argnums=0)
     self._eval_step = jax.jit(functools.partial(eval_step, model=self.model, loss_config=config.loss),
@@ -170,6 +203,9 @@ class Trainer:
     self.checkpointer = checkpoint_lib.Checkpointer(
         os.path.join(self.workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
         max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save)
+    self.config_json = json.loads(config.to_json_best_effort())
+    self.checkpointer.check_compatible(self.abstract_state, self.config_json)
+    self.restored_step = None  # The checkpoint step `initial_state` resumed from.
     self.data = None
 
   def _context(self):
@@ -180,13 +216,32 @@ class Trainer:
       return self._train_step(state, batch)
 
   def initial_state(self) -> TrainState:
-    """The latest checkpoint's state if there is one, else a fresh one."""
-    latest = self.checkpointer.latest_step()
-    if latest is None:
-      return init_state(self.model, self.tx, self.mesh, self.rules, self.config.data.seq_len, self.config.seed)
+    """The newest readable checkpoint's state (an unreadable newer one is
+    reported and moved aside), else a fresh one."""
     target = checkpoint_lib.abstract_with_shardings(self.abstract_state, self.state_shardings)
-    self.echo(f"Resuming from {self.checkpointer.directory} step {latest}")
-    return self.checkpointer.restore(latest, target)
+    found = self.checkpointer.restore_latest(target, warn=self.echo)
+    if found is None:
+      self.restored_step = None
+      return init_state(self.model, self.tx, self.mesh, self.rules, self.config.data.seq_len, self.config.seed)
+    self.restored_step, state = found
+    self.echo(f"Resuming from {self.checkpointer.step_path(self.restored_step)}")
+    return state
+
+  def _check_tokenizer(self, data) -> None:
+    """Raises ConfigError if the resumed checkpoint was trained with another tokenizer."""
+    if self.restored_step is None:
+      return
+    try:
+      saved = self.checkpointer.restore_meta(self.restored_step)["tokenizer"]
+    except Exception:  # pylint: disable=broad-except
+      return  # Saved without `meta`: nothing to compare.
+    ours = checkpoint_lib.tokenizer_meta(data.tokenizer.serialized_model())["sha256"]
+    if saved["sha256"] != ours:
+      raise config_lib.ConfigError(
+          f"data.tokenizer_path: the tokenizer differs from the one checkpoint "
+          f"{self.checkpointer.step_path(self.restored_step)} was trained with (sha256 {ours[:12]} "
+          f"against {saved['sha256'][:12]}); set data.tokenizer_path to that one (checkpoint.tokenizer_bytes "
+          f"reads it from the checkpoint), or use a new --workdir")
 
   def load_data(self):
     if self.data is None:
@@ -208,22 +263,43 @@ class Trainer:
 
   def run(self, until_step: int | None = None) -> TrainState:
     """Trains to `train.steps` (or stops after `until_step`, saving there),
-    resuming from the workdir's latest checkpoint."""
+    resuming from the workdir's newest readable checkpoint.
+
+    Holds the workdir's lock throughout. SIGTERM/SIGINT (or, on several
+    hosts, JAX's preemption sync point) end the run after the current step
+    with a checkpoint; a non-finite step raises `faults.NonFiniteError`
+    unless `train.skip_nonfinite`, and nothing after it is saved.
+    """
     cfg = self.config
     last = cfg.train.steps if until_step is None else min(until_step, cfg.train.steps)
-    data = self.load_data()
     primary = jax.process_index() == 0
-    writer = metrics_lib.MetricWriter(self.workdir, enabled=primary, echo=self.echo)
+    lock = faults.WorkdirLock(self.workdir, echo=self.echo)
     if primary:
-      write_run_files(self.workdir, cfg, data)
+      lock.acquire()
+    try:
+      with faults.StopSignals(echo=self.echo) as stop:
+        return self._train(last, primary, stop)
+    finally:
+      lock.release()
+
+  def _train(self, last: int, primary: bool, stop: faults.StopSignals) -> TrainState:
+    cfg = self.config
+    data = self.load_data()
     state = self.initial_state()
     start = int(state.step)
+    self._check_tokenizer(data)
+    if primary:
+      write_run_files(self.workdir, cfg, data)
+      # Records of steps after the checkpoint are about to be logged again.
+      faults.drop_records_after(os.path.join(self.workdir, "metrics.jsonl"), start)
+    writer = metrics_lib.MetricWriter(self.workdir, enabled=primary, echo=self.echo)
+    tokenizer_meta = checkpoint_lib.tokenizer_meta(data.tokenizer.serialized_model())
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
     flops_per_step = model_lib.flops_per_token(self.model_config, cfg.data.seq_len) * tokens_per_step
     peak = metrics_lib.peak_flops_per_device(cfg.train.peak_flops_per_device) * self.mesh.size
     prefetcher = data_lib.Prefetcher(lambda s: self.local_batch(data.train, s), start, cfg.data.prefetch)
     total, last_time, last_step = None, time.perf_counter(), start
-    config_json = json.loads(cfg.to_json_best_effort())
+    unchecked = []  # (step, metrics) not yet checked for non-finite values.
     try:
       for step in tqdm.trange(start, last, initial=start, total=cfg.train.steps,
                               desc="train", disable=not primary, dynamic_ncols=True):
@@ -233,7 +309,16 @@ class Trainer:
         total = accumulate_metrics(total, step_metrics)
         done = step + 1
         final = done == last
-        if done % cfg.train.log_every == 0 or final:
+        stopping = stop.should_stop(done) and not final
+        if not cfg.train.skip_nonfinite:
+          unchecked.append((done, step_metrics))
+        log = done % cfg.train.log_every == 0 or final or stopping
+        evaluate = cfg.train.eval_every and (done % cfg.train.eval_every == 0 or final)
+        save = self.checkpointer.should_save(done, final or stopping)
+        if log or evaluate or save:  # Host syncs happen here anyway: check before logging or saving.
+          self._raise_if_nonfinite(unchecked)
+          unchecked = []
+        if log:
           scalars = host_metrics(total)
           elapsed = time.perf_counter() - last_time
           scalars["tokens_per_s"] = tokens_per_step * (done - last_step) / elapsed
@@ -242,16 +327,38 @@ class Trainer:
             scalars["mfu"] = scalars["tflops_per_s"] * 1e12 / peak
           writer.write(done, scalars, "train")
           total, last_time, last_step = None, time.perf_counter(), done
-        if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or final):
+        if evaluate:
           writer.write(done, self.evaluate(state.params), "eval")
           last_time = time.perf_counter()
-        if self.checkpointer.should_save(done, final):
-          self.checkpointer.save(done, state, config_json)
+        if save:
+          # The batch at step s is a function of (seed, s): the step is the data iterator's state.
+          meta = {"data": {"next_batch_step": done, "seed": cfg.seed}, "tokenizer": tokenizer_meta}
+          self.checkpointer.save(done, state, self.config_json, meta)
+        if stopping:
+          self.checkpointer.wait()
+          self.echo(f"Stopped by {stop.received} after step {done}; saved checkpoint "
+                    f"{self.checkpointer.step_path(done)}")
+          break
     finally:
       prefetcher.close()
       self.checkpointer.wait()
       writer.close()
     return state
+
+  def _raise_if_nonfinite(self, unchecked: list[tuple[int, dict]]) -> None:
+    """Raises NonFiniteError naming the first step whose loss or gradients were not finite."""
+    flags = jax.device_get([m["nonfinite_steps"] for _, m in unchecked])
+    for (step, step_metrics), flag in zip(unchecked, flags):
+      if flag:
+        values = host_metrics(step_metrics)
+        self.checkpointer.wait()
+        latest = self.checkpointer.latest_step()
+        good = (f"the last good checkpoint is {self.checkpointer.step_path(latest)}" if latest is not None
+                else "no checkpoint had been saved")
+        raise faults.NonFiniteError(
+            f"non-finite loss or gradients at step {step} (loss={values['loss']}, "
+            f"grad_norm={values['grad_norm']}); stopped without saving it, {good}. Lower "
+            f"optim.learning_rate, or set train.skip_nonfinite=True to skip such updates")
 
 
 def write_run_files(workdir: str, config, data) -> None:

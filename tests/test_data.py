@@ -1,21 +1,20 @@
 """Tests of the data pipeline: corpus, tokenizer, packing, make_data, prefetching."""
 
-import collections
 import os
 import time
 
-import ml_collections
 import numpy as np
 import pytest
 import sentencepiece as spm
 
+from mile_jax import config_lib
+from mile_jax.config_lib import ConfigError
 from mile_jax.data import builtin, pipeline
 from mile_jax.data.packing import PackedDataset
 from mile_jax.data.pipeline import Prefetcher, make_data
 from mile_jax.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 VOCAB = 512
-EOS = 0
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +35,6 @@ def tok_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tokenizer(split, tok_dir):
   return train_tokenizer([t for _, t in split[0]], VOCAB, tok_dir, corpus_key="pydocs-test")
-
-
-def tiny_docs():
-  """Documents whose tokens are all distinct, so every token is traceable."""
-  lengths = [3, 7, 1, 12, 5, 9, 2, 6, 4, 8, 11, 3]
-  return np.split(np.arange(1, 1 + sum(lengths), dtype=np.int32), np.cumsum(lengths)[:-1])
-
-
-def expected_stream(docs, order):
-  """The epoch stream built independently: documents in ``order``, EOS after each."""
-  return np.concatenate([np.append(docs[i], EOS) for i in order])
 
 
 def test_corpus_contents(corpus):
@@ -153,93 +141,13 @@ def test_tokenizer_errors(tmp_path):
     load_tokenizer(missing)
 
 
-@pytest.mark.parametrize("shuffle", [False, True])
-def test_epoch_covers_documents_exactly(shuffle):
-  docs, seq_len, seed = tiny_docs(), 6, 3
-  ds = PackedDataset(docs, seq_len, EOS, seed, shuffle=shuffle)
-  total = sum(len(d) for d in docs) + len(docs)
-  assert ds.rows_per_epoch == total // (seq_len + 1)
-  orders = [np.arange(len(docs))] * 2
-  if shuffle:
-    orders = [np.random.default_rng([seed, e]).permutation(len(docs)) for e in range(2)]
-    assert not np.array_equal(*orders)  # so epoch 1 is checked against a new order
-  for epoch, order in enumerate(orders):
-    stream = expected_stream(docs, order)
-    first = epoch * ds.rows_per_epoch
-    rows = ds.rows(np.arange(first, first + ds.rows_per_epoch))
-    assert rows.dtype == np.int32 and rows.shape == (ds.rows_per_epoch, seq_len + 1)
-    kept = ds.rows_per_epoch * (seq_len + 1)
-    np.testing.assert_array_equal(rows.ravel(), stream[:kept])
-    tail = stream[kept:]
-    assert len(tail) == total % (seq_len + 1)
-    everything = collections.Counter(np.concatenate(docs).tolist())
-    everything[EOS] += len(docs)
-    covered = collections.Counter(rows.ravel().tolist()) + collections.Counter(tail.tolist())
-    assert covered == everything
-
-
-def test_from_flat_matches_list_constructor():
-  docs = tiny_docs()
-  offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])])
-  a = PackedDataset(docs, 5, EOS, seed=1)
-  b = PackedDataset.from_flat(np.concatenate(docs), offsets, 5, EOS, seed=1)
-  idx = np.arange(3 * a.rows_per_epoch)
-  np.testing.assert_array_equal(a.rows(idx), b.rows(idx))
-
-
-def test_batch_shift_and_dtypes():
-  ds = PackedDataset(tiny_docs(), 4, EOS, seed=0)
-  b = ds.batch(step=2, global_batch_size=3)
-  rows = ds.rows(np.arange(6, 9))
-  assert b["inputs"].dtype == np.int32 and b["targets"].dtype == np.int32
-  assert b["mask"].dtype == np.float32 and b["mask"].shape == (3, 4)
-  np.testing.assert_array_equal(b["inputs"], rows[:, :-1])
-  np.testing.assert_array_equal(b["targets"], rows[:, 1:])
-  np.testing.assert_array_equal(b["inputs"][:, 1:], b["targets"][:, :-1])
-  assert (b["mask"] == 1).all()
-
-
-def test_batches_are_a_function_of_seed_and_step():
-  a = PackedDataset(tiny_docs(), 4, EOS, seed=7)
-  b = PackedDataset(tiny_docs(), 4, EOS, seed=7)
-  c = PackedDataset(tiny_docs(), 4, EOS, seed=8)
-  inputs = lambda ds, step: ds.batch(step, 4)["inputs"]  # noqa: E731
-  # b is asked out of order, so its epoch cache holds something else each time.
-  for step in [5, 0, 11, 3]:
-    for key in ("inputs", "targets", "mask"):
-      np.testing.assert_array_equal(a.batch(step, 4)[key], b.batch(step, 4)[key])
-  assert any(not np.array_equal(inputs(a, s), inputs(c, s)) for s in range(3))
-
-
-def test_process_shares_concatenate_to_global_batch():
-  ds = PackedDataset(tiny_docs(), 4, EOS, seed=1)
-  global_batch = 6
-  # Steps 0..5 include batches that straddle an epoch boundary.
-  assert ds.rows_per_epoch % global_batch != 0
-  for step in range(6):
-    whole = PackedDataset(tiny_docs(), 4, EOS, seed=1).batch(step, global_batch)
-    shares = [ds.batch(step, global_batch, p, 2) for p in (1, 0)][::-1]
-    for key in whole:
-      assert shares[0][key].shape[0] == 3
-      np.testing.assert_array_equal(np.concatenate([s[key] for s in shares]), whole[key])
-
-
-def test_batch_errors():
-  ds = PackedDataset(tiny_docs(), 4, EOS, seed=0)
-  with pytest.raises(ValueError, match="data.global_batch_size=3"):
-    ds.batch(0, 3, process_index=0, process_count=2)
-  with pytest.raises(ValueError, match="data.seq_len"):
-    ds.batch(0, ds.rows_per_epoch + 1)
-  big = PackedDataset(tiny_docs(), 1000, EOS, seed=0)
-  with pytest.raises(ValueError, match="data.seq_len"):
-    big.batch(0, 1)
-
-
 def data_config(cache_dir, **overrides):
-  fields = dict(source="builtin:pydocs", val_fraction=0.1, cache_dir=str(cache_dir))
-  fields.update(tokenizer_path="", tokenizer_model_type="bpe", character_coverage=1.0)
-  fields.update(byte_fallback=True, **overrides)
-  return ml_collections.ConfigDict(fields)
+  """``config.data`` with the defaults, the cache in ``cache_dir`` and ``overrides``."""
+  c = config_lib.base_config().data
+  fields = dict(val_fraction=0.1, cache_dir=str(cache_dir), global_batch_size=8)
+  fields.update(overrides)
+  c.update(**fields)
+  return c
 
 
 @pytest.fixture(scope="module")
@@ -279,12 +187,19 @@ def test_make_data_splits_and_cache(data_cache, split, monkeypatch):
     np.testing.assert_array_equal(a["inputs"], b["inputs"])
 
 
-def test_make_data_errors(data_cache, tokenizer):
-  with pytest.raises(ValueError, match="data.source='nope'.*builtin:pydocs"):
+def test_make_data_errors(data_cache, tokenizer, tmp_path):
+  with pytest.raises(ConfigError, match="data.source: 'nope' is not a source.*builtin:pydocs"):
     make_data(data_config(data_cache, source="nope"), VOCAB, 64, seed=0)
   path = tokenizer.model_path
-  with pytest.raises(ValueError, match=r"model.vocab_size=1024.*data.tokenizer_path.*512"):
+  with pytest.raises(ConfigError, match=r"model.vocab_size=1024.*data.tokenizer_path.*512"):
     make_data(data_config(data_cache, tokenizer_path=path), 1024, 64, seed=0)
+  with pytest.raises(ConfigError, match="data.tokenizer_path: no such file"):
+    make_data(data_config(data_cache, tokenizer_path=str(tmp_path / "none.model")), VOCAB, 64, seed=0)
+  (tmp_path / "junk.model").write_bytes(b"not a model")
+  with pytest.raises(ConfigError, match="data.tokenizer_path: .*junk.model.* not a SentencePiece"):
+    make_data(data_config(data_cache, tokenizer_path=str(tmp_path / "junk.model")), VOCAB, 64, seed=0)
+  with pytest.raises(ConfigError, match="data.global_batch_size: .*fewer than one global batch.*validation split"):
+    make_data(data_config(data_cache, global_batch_size=5000), VOCAB, 64, seed=0)
   given = make_data(data_config(data_cache, tokenizer_path=path), VOCAB, 64, seed=0)
   assert given.tokenizer.serialized_model() == tokenizer.serialized_model()
 

@@ -1,33 +1,30 @@
-"""From a data config to train/validation datasets, and a background prefetcher.
+"""From a data config to packed train/validation datasets and their tokenizer.
 
-Sources are looked up by name in ``SOURCES``: each is a function returning
-``(id, text)`` documents. Validation documents are held out by id before the
-tokenizer is trained, so the tokenizer never sees them.
+Validation documents are held out before the tokenizer is trained, so the
+tokenizer never sees them. Everything slow is done once and cached under
+``data.cache_dir``: ``files:`` preparation, tokenizer training and
+tokenization (see ``token_store``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
+import itertools
+import logging
 import os
-import queue
-import threading
-from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
-
-from mile_jax.data import builtin
+from mile_jax.config_lib import ConfigError
+from mile_jax.data import corpus as corpus_lib
+from mile_jax.data import synthetic
+from mile_jax.data import token_store
 from mile_jax.data.packing import PackedDataset
-from mile_jax.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer, write_atomic
+from mile_jax.data.prefetch import Prefetcher
+from mile_jax.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
-SOURCES: dict[str, Callable[[], list[builtin.Document]]] = {
-    "builtin:pydocs": builtin.pydocs_documents,
-}
+__all__ = ["DataSplits", "Prefetcher", "make_data", "resolve_cache_dir"]
+
 _CACHE_ENV = "MILE_JAX_CACHE"
-# Part of the token-cache key: bump when the cached arrays change meaning.
-_TOKENS_VERSION = "tokens-v1"
 
 
 @dataclasses.dataclass
@@ -46,197 +43,76 @@ def resolve_cache_dir(cache_dir: str) -> str:
   return os.path.expanduser(os.environ.get(_CACHE_ENV) or "~/.cache/mile_jax")
 
 
-def _load_documents(source: str) -> list[builtin.Document]:
-  if source not in SOURCES:
-    raise ValueError(
-        f"data.source={source!r} is not supported; supported sources: "
-        f"{', '.join(sorted(SOURCES))}"
-    )
-  return SOURCES[source]()
-
-
-def _corpus_key(source: str, docs: Sequence[builtin.Document]) -> str:
-  """A digest of the documents themselves, so any change to them misses the cache."""
-  h = hashlib.sha256(source.encode("utf-8"))
-  for doc_id, text in docs:
-    for part in (doc_id, text):
-      data = part.encode("utf-8")
-      h.update(len(data).to_bytes(8, "little"))
-      h.update(data)
-  return h.hexdigest()[:16]
-
-
-def _tokenize_cached(
-    docs: Sequence[builtin.Document], tokenizer: Tokenizer, corpus_key: str, cache_dir: str
-) -> tuple[np.ndarray, np.ndarray]:
-  """Token ids of ``docs``, read from or written to the cache.
-
-  Returns:
-    ``tokens`` int32 [num_tokens] and ``offsets`` int64 [len(docs) + 1]:
-    document i is ``tokens[offsets[i]:offsets[i + 1]]``.
-  """
-  key = hashlib.sha256(
-      f"{_TOKENS_VERSION}|{tokenizer.fingerprint()}|{corpus_key}".encode("utf-8")
-  ).hexdigest()[:16]
-  path = os.path.join(cache_dir, "tokens", f"{key}.npz")
-  if os.path.isfile(path):
-    with np.load(path) as cached:
-      return cached["tokens"], cached["offsets"]
-  encoded = tokenizer.encode_batch([text for _, text in docs])
-  offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-  np.cumsum([len(ids) for ids in encoded], out=offsets[1:])
-  tokens = np.fromiter(
-      (i for ids in encoded for i in ids), dtype=np.int32, count=int(offsets[-1])
-  )
-  buf = io.BytesIO()
-  np.savez(buf, tokens=tokens, offsets=offsets)
-  write_atomic(path, buf.getvalue())
-  return tokens, offsets
-
-
-def _get_tokenizer(data_config: Any, vocab_size: int, train_docs, corpus_key, cache_dir):
+def _get_tokenizer(data_config: Any, vocab_size: int, corpus: corpus_lib.Corpus,
+                   cache_dir: str) -> Tokenizer:
   if data_config.tokenizer_path:
-    tokenizer = load_tokenizer(os.path.expanduser(data_config.tokenizer_path))
-    if tokenizer.vocab_size != vocab_size:
-      raise ValueError(
-          f"model.vocab_size={vocab_size} does not match the vocabulary of "
-          f"data.tokenizer_path={data_config.tokenizer_path!r}, which has "
-          f"{tokenizer.vocab_size} pieces"
-      )
-    return tokenizer
-  return train_tokenizer(
-      [text for _, text in train_docs],
-      vocab_size,
-      os.path.join(cache_dir, "tokenizers"),
-      corpus_key=corpus_key,
-      model_type=data_config.tokenizer_model_type,
-      character_coverage=data_config.character_coverage,
-      byte_fallback=data_config.byte_fallback,
-  )
+    path = os.path.expanduser(data_config.tokenizer_path)
+    if not os.path.isfile(path):
+      raise ConfigError(f"data.tokenizer_path: no such file {data_config.tokenizer_path!r}")
+    try:
+      tokenizer = load_tokenizer(path)
+    except (OSError, RuntimeError) as e:
+      raise ConfigError(f"data.tokenizer_path: {path!r} is not a SentencePiece model ({e})") from None
+  else:
+    limit = data_config.tokenizer_train_documents
+    texts = list(itertools.islice(iter(corpus.train), limit))
+    key = corpus.train_key if len(texts) == len(corpus.train) else f"{corpus.train_key}|first{limit}"
+    try:
+      tokenizer = train_tokenizer(
+          texts, vocab_size, os.path.join(cache_dir, "tokenizers"), corpus_key=key,
+          model_type=data_config.tokenizer_model_type,
+          character_coverage=data_config.character_coverage,
+          byte_fallback=data_config.byte_fallback)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+  if tokenizer.vocab_size != vocab_size:
+    raise ConfigError(
+        f"model.vocab_size={vocab_size} does not match the vocabulary of "
+        f"data.tokenizer_path={data_config.tokenizer_path!r}, which has {tokenizer.vocab_size} pieces")
+  for setting, wanted, piece_id in (("data.add_bos", data_config.add_bos, tokenizer.bos_id),
+                                    ("data.add_eos", data_config.add_eos, tokenizer.eos_id)):
+    if wanted and piece_id < 0:
+      raise ConfigError(f"{setting}: the tokenizer has no such piece; set it to False")
+  return tokenizer
 
 
 def make_data(data_config: Any, vocab_size: int, seq_len: int, seed: int) -> DataSplits:
   """Load, split, tokenize (cached) and pack the configured corpus.
 
   Args:
-    data_config: ``config.data``, read by attribute: ``source``,
-      ``val_fraction``, ``cache_dir``, ``tokenizer_path``,
-      ``tokenizer_model_type``, ``character_coverage``, ``byte_fallback``.
+    data_config: ``config.data`` (every field of ``config_lib.base_config``).
     vocab_size: ``config.model.vocab_size``; a trained tokenizer gets exactly
       this size, a given one must have it.
     seq_len: tokens per training example.
     seed: seeds the training data order.
+
+  Raises:
+    ConfigError: naming the setting or file to fix, before anything compiles.
   """
   cache_dir = resolve_cache_dir(data_config.cache_dir)
-  source = data_config.source
-  train_docs, val_docs = builtin.split_documents(
-      _load_documents(source), data_config.val_fraction
-  )
-  train_key = _corpus_key(source, train_docs)
-  tokenizer = _get_tokenizer(data_config, vocab_size, train_docs, train_key, cache_dir)
+  if data_config.source == synthetic.SOURCE:
+    train, validation, tokenizer = synthetic.make_splits(data_config, vocab_size, seq_len, seed, cache_dir)
+    for name, split in (("train", train), ("validation", validation)):
+      try:
+        split.check_batch(data_config.global_batch_size)
+      except ConfigError as e:
+        raise ConfigError(f"{e} (the {name} split)") from None
+    return DataSplits(train=train, validation=validation, tokenizer=tokenizer)
+  corpus = corpus_lib.load_corpus(data_config, cache_dir)
+  tokenizer = _get_tokenizer(data_config, vocab_size, corpus, cache_dir)
   splits = {}
-  for name, docs, key, shuffle in (
-      ("train", train_docs, train_key, True),
-      ("validation", val_docs, _corpus_key(source, val_docs), False),
-  ):
-    tokens, offsets = _tokenize_cached(docs, tokenizer, key, cache_dir)
+  for name, texts, key, shuffle in (("train", corpus.train, corpus.train_key, True),
+                                    ("validation", corpus.validation, corpus.validation_key, False)):
+    store = token_store.load_or_build(texts, tokenizer, key, cache_dir)
     splits[name] = PackedDataset.from_flat(
-        tokens, offsets, seq_len, tokenizer.eos_id, seed, shuffle=shuffle
-    )
+        store.tokens, store.offsets, seq_len, tokenizer.eos_id if data_config.add_eos else None,
+        seed, shuffle=shuffle, bos_id=tokenizer.bos_id if data_config.add_bos else None,
+        segment_documents=data_config.segment_documents, counts=store.counts)
+    try:
+      splits[name].check_batch(data_config.global_batch_size)
+    except ConfigError as e:
+      raise ConfigError(f"{e} (the {name} split)") from None
+    logging.info("data %s: %d documents, %d tokens, %d rows per epoch (%s)", name,
+                 splits[name].num_documents, splits[name].num_tokens, splits[name].rows_per_epoch,
+                 store.path)
   return DataSplits(train=splits["train"], validation=splits["validation"], tokenizer=tokenizer)
-
-
-class Prefetcher:
-  """Makes batches ahead of time on a daemon thread, handing them out in order.
-
-  Args:
-    make_batch: ``step -> batch`` (any pytree of numpy arrays); called with
-      ``start_step, start_step + 1, ...`` from the background thread.
-    start_step: the first step.
-    buffer_size: batches made ahead at most.
-
-  ``next()`` returns ``(step, batch)``. An exception raised by ``make_batch``
-  is raised again by the ``next()`` that would have returned that step, and
-  by every later call.
-  """
-
-  def __init__(
-      self, make_batch: Callable[[int], Any], start_step: int = 0, buffer_size: int = 2
-  ):
-    if buffer_size < 1:
-      raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
-    self._make_batch = make_batch
-    self._queue: queue.Queue = queue.Queue(maxsize=buffer_size)
-    self._stop = threading.Event()
-    self._error: BaseException | None = None
-    self._thread = threading.Thread(
-        target=self._fill, args=(start_step,), name="mile_jax-prefetch", daemon=True
-    )
-    self._thread.start()
-
-  def _put(self, item) -> bool:
-    # A timeout rather than a blocking put, so close() is noticed promptly.
-    while not self._stop.is_set():
-      try:
-        self._queue.put(item, timeout=0.1)
-        return True
-      except queue.Full:
-        continue
-    return False
-
-  def _fill(self, step: int) -> None:
-    while not self._stop.is_set():
-      try:
-        item = (step, self._make_batch(step), None)
-      except BaseException as e:  # handed to the consumer, which decides
-        self._put((step, None, e))
-        return
-      if not self._put(item):
-        return
-      step += 1
-
-  def next(self) -> tuple[int, Any]:
-    """The next ``(step, batch)``, waiting for it if needed."""
-    if self._error is not None:
-      raise self._error
-    if self._stop.is_set():
-      raise RuntimeError("Prefetcher is closed")
-    step, batch, error = self._get()
-    if error is not None:
-      self._error = error
-      raise error
-    return step, batch
-
-  def _get(self):
-    # Polls rather than blocking forever, so a thread that died without
-    # reporting (it never should) cannot hang the consumer.
-    while True:
-      try:
-        return self._queue.get(timeout=0.1)
-      except queue.Empty:
-        if not self._thread.is_alive():
-          try:
-            return self._queue.get_nowait()
-          except queue.Empty:
-            raise RuntimeError("the prefetch thread stopped unexpectedly") from None
-
-  __next__ = next
-
-  def __iter__(self):
-    return self
-
-  def close(self) -> None:
-    """Stop the thread and drop the batches it made ahead."""
-    self._stop.set()
-    while True:
-      try:
-        self._queue.get_nowait()
-      except queue.Empty:
-        break
-    self._thread.join(timeout=5.0)
-
-  def __enter__(self) -> Prefetcher:
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()

@@ -1,0 +1,168 @@
+"""Documents from local text files: plain text, JSON Lines, and gzip of either.
+
+A ``.txt`` file is one document, or one document per blank-line-separated
+block (``data.txt_documents``); a ``.jsonl`` file holds one JSON object per
+line whose ``data.text_field`` is the document. Bytes that are not UTF-8 are
+replaced by U+FFFD or the document is skipped (``data.decode_errors``); empty
+and all-whitespace documents are skipped. Both are counted in ``ReadStats``.
+Any other problem is a ``ConfigError`` naming the file and the setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import gzip
+import json
+import os
+import re
+import zlib
+from collections.abc import Iterator, Sequence
+
+from mile_jax.config_lib import ConfigError
+
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+TXT_DOCUMENTS = ("file", "blank_line")
+DECODE_ERRORS = ("replace", "skip")
+# A line holding only whitespace separates blocks, as an empty line does.
+_BLANK_LINE = re.compile(rb"\r?\n[ \t\r\f\v]*\r?\n")
+
+
+@dataclasses.dataclass
+class ReadStats:
+  """What reading skipped or changed, for the log."""
+
+  documents: int = 0  # documents kept
+  characters: int = 0  # characters of the kept documents
+  empty_skipped: int = 0  # empty or all-whitespace documents dropped
+  utf8_replaced: int = 0  # documents with invalid UTF-8 replaced by U+FFFD
+  utf8_skipped: int = 0  # documents dropped for invalid UTF-8
+
+  def add(self, other: ReadStats) -> None:
+    for field in dataclasses.fields(self):
+      setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+
+
+def list_files(pattern: str) -> list[str]:
+  """Regular files matching ``pattern`` (``**`` recurses), sorted.
+
+  Raises:
+    ConfigError: if nothing matches, or a match has an unknown format.
+  """
+  paths = sorted(
+      p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
+  )
+  if not paths:
+    raise ConfigError(f"data.source: no files match {pattern!r}")
+  for path in paths:
+    file_format(path)
+  return paths
+
+
+def file_format(path: str) -> str:
+  """``"text"`` or ``"jsonl"`` from the file name (a ``.gz`` suffix is looked through)."""
+  name = path[:-3] if path.endswith(".gz") else path
+  if name.endswith(TEXT_SUFFIXES):
+    return "text"
+  if name.endswith(JSONL_SUFFIXES):
+    return "jsonl"
+  raise ConfigError(
+      f"data.source: cannot tell the format of {path!r}; name files "
+      f"{'/'.join(TEXT_SUFFIXES)} (plain text) or {'/'.join(JSONL_SUFFIXES)} "
+      "(JSON Lines), optionally with .gz"
+  )
+
+
+def _read_bytes(path: str) -> bytes:
+  try:
+    if path.endswith(".gz"):
+      with gzip.open(path, "rb") as f:
+        return f.read()
+    with open(path, "rb") as f:
+      return f.read()
+  except (OSError, EOFError, zlib.error) as e:
+    raise ConfigError(f"data.source: cannot read {path!r}: {e}") from None
+
+
+def _decode(data: bytes, decode_errors: str, stats: ReadStats) -> str | None:
+  """``data`` as text, or None when it is to be skipped (and counted)."""
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError:
+    if decode_errors == "skip":
+      stats.utf8_skipped += 1
+      return None
+    stats.utf8_replaced += 1
+    return data.decode("utf-8", errors="replace")
+
+
+def _raw_documents(path: str, txt_documents: str, text_field: str, decode_errors: str,
+                   stats: ReadStats) -> Iterator[tuple[str, str]]:
+  """``(local id, text)`` of one file's documents, before empty ones are dropped."""
+  data = _read_bytes(path)
+  if file_format(path) == "text":
+    if txt_documents == "file" or not data.strip():
+      blocks = [data]  # an all-blank file counts as one empty document
+    else:  # blank lines at the file's start and end separate nothing
+      blocks = _BLANK_LINE.split(data.strip(b"\r\n"))
+    for i, block in enumerate(blocks):
+      text = _decode(block, decode_errors, stats)
+      if text is not None:
+        yield str(i), text
+    return
+  for line_no, line in enumerate(data.split(b"\n"), start=1):
+    if not line.strip():
+      continue
+    text = _decode(line, decode_errors, stats)
+    if text is None:
+      continue
+    try:
+      record = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"data.source: {path!r} line {line_no} is not valid JSON ({e.msg})") from None
+    if not isinstance(record, dict) or text_field not in record:
+      raise ConfigError(
+          f"data.text_field: {path!r} line {line_no} has no field {text_field!r}"
+      )
+    value = record[text_field]
+    if not isinstance(value, str):
+      raise ConfigError(
+          f"data.text_field: {path!r} line {line_no} field {text_field!r} is "
+          f"{type(value).__name__}, not a string"
+      )
+    yield str(line_no), value
+
+
+def read_documents(paths: Sequence[str], root: str, *, txt_documents: str = "file",
+                   text_field: str = "text", decode_errors: str = "replace",
+                   stats: ReadStats | None = None) -> Iterator[tuple[str, str]]:
+  """``(id, text)`` of every non-empty document of ``paths``, in order.
+
+  Ids are ``<path relative to root>:<block index or line number>``, so they
+  name the document and do not depend on which other files are present.
+
+  Args:
+    paths: files, e.g. from ``list_files``.
+    root: directory the ids are relative to.
+    stats: counts are added here.
+  """
+  if txt_documents not in TXT_DOCUMENTS:
+    raise ConfigError(f"data.txt_documents: must be one of {TXT_DOCUMENTS}, got {txt_documents!r}")
+  if decode_errors not in DECODE_ERRORS:
+    raise ConfigError(f"data.decode_errors: must be one of {DECODE_ERRORS}, got {decode_errors!r}")
+  stats = ReadStats() if stats is None else stats
+  for path in paths:
+    rel = os.path.relpath(path, root)
+    for local_id, text in _raw_documents(path, txt_documents, text_field, decode_errors, stats):
+      if not text.strip():
+        stats.empty_skipped += 1
+        continue
+      stats.documents += 1
+      stats.characters += len(text)
+      yield f"{rel}:{local_id}", text
+
+
+def common_root(paths: Sequence[str]) -> str:
+  """The deepest directory holding every path."""
+  return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])

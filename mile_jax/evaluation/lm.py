@@ -1,0 +1,171 @@
+"""Text in, scores or generations out: the three request types of a harness.
+
+Every request is scored as the start of a new document: the context is
+preceded by the token that starts documents in training (BOS where the run
+adds one, else EOS, which ends the previous document). Contexts and
+continuations are tokenized as lm-evaluation-harness's causal models do:
+whitespace at the end of the context moves to the continuation, the pair is
+encoded together and the continuation is what follows the context's tokens.
+Sequences longer than the model's `max_seq_len` lose tokens from the left.
+
+Requests are sorted by length and run in fixed-size batches padded to a few
+lengths (powers of two up to `max_seq_len`), so a task compiles a few times.
+"""
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from mile_jax import losses
+from mile_jax import sharding
+from mile_jax.evaluation import generation
+from mile_jax.evaluation import scoring
+from mile_jax.evaluation.restore import Restored
+
+
+def length_buckets(max_len: int, smallest: int = 32) -> tuple[int, ...]:
+  """Padded input lengths: powers of two from `smallest` below `max_len`, then `max_len`."""
+  out, n = [], smallest
+  while n < max_len:
+    out.append(n)
+    n *= 2
+  return tuple(out) + (max_len,)
+
+
+def _score_rows(params, batch, *, model):
+  """Summed log-probability of the masked targets per row, and whether each
+  masked target is the argmax: (B,) float32 and (B,) bool."""
+  logits = model.apply({"params": params}, batch["inputs"])  # (B, T, V)
+  logp = -losses.token_cross_entropy(logits, batch["targets"])  # (B, T) float32
+  mask = batch["mask"] > 0
+  greedy = jnp.argmax(logits, axis=-1) == batch["targets"]
+  return jnp.sum(jnp.where(mask, logp, 0.0), axis=1), jnp.all(greedy | ~mask, axis=1)
+
+
+class LanguageModel:
+  """Scores and continues text with a restored checkpoint.
+
+  Args:
+    restored: from `restore.restore`.
+    batch_size: rows per forward pass (rounded up to the data-parallel size).
+    progress: show a progress bar per call.
+  """
+
+  def __init__(self, restored: Restored, batch_size: int = 32, progress: bool = True):
+    self.restored = restored
+    self.tokenizer = restored.tokenizer
+    dp = sharding.data_parallel_size(restored.mesh)
+    self.batch_size = -(-max(batch_size, 1) // dp) * dp
+    self.max_len = restored.max_seq_len
+    self.buckets = length_buckets(self.max_len)
+    data = restored.config.data
+    self.prefix = [self.tokenizer.bos_id] if data.get("add_bos", False) else [self.tokenizer.eos_id]
+    self.progress = progress
+    self._score = jax.jit(functools.partial(_score_rows, model=restored.model))
+    self._generator = generation.GreedyGenerator(restored.model.cfg, restored.mesh)
+
+  # --- tokenization -------------------------------------------------------
+
+  def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context tokens with the document prefix, continuation tokens)."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+      continuation = context[-spaces:] + continuation
+      context = context[:-spaces]
+    whole = self.tokenizer.encode(context + continuation)
+    context_ids = self.tokenizer.encode(context) if context else []
+    return self.prefix + context_ids, whole[len(context_ids):]
+
+  # --- scoring ------------------------------------------------------------
+
+  def loglikelihood_tokens(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                           desc: str = "loglikelihood") -> list[tuple[float, bool]]:
+    """(sum of log p(continuation | context), continuation is the greedy one) per pair."""
+    rows = []
+    for context, continuation in pairs:
+      seq = (list(context) + list(continuation))[-(self.max_len + 1):]
+      scored = min(len(continuation), len(seq) - 1)
+      rows.append((seq, scored))
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+    batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+    with self.restored.context():
+      for batch_ids in tqdm.tqdm(batches, desc=desc, disable=not self.progress, dynamic_ncols=True, leave=False):
+        longest = len(rows[batch_ids[0]][0]) - 1
+        width = next(b for b in self.buckets if b >= longest)
+        inputs = np.zeros((self.batch_size, width), np.int32)
+        targets = np.zeros((self.batch_size, width), np.int32)
+        mask = np.zeros((self.batch_size, width), np.float32)
+        for r, i in enumerate(batch_ids):
+          seq, scored = rows[i]
+          n = len(seq) - 1
+          inputs[r, :n], targets[r, :n] = seq[:-1], seq[1:]
+          mask[r, n - scored:n] = 1.0
+        batch = sharding.make_global_batch({"inputs": inputs, "targets": targets, "mask": mask},
+                                           self.restored.mesh)
+        logp, greedy = jax.device_get(self._score(self.restored.params, batch))
+        for r, i in enumerate(batch_ids):
+          results[i] = (float(logp[r]), bool(greedy[r]))
+    return results
+
+  def loglikelihood(self, requests: Sequence[tuple[str, str]], desc: str = "loglikelihood"):
+    """(log p(continuation | context), is greedy) per (context, continuation) string pair."""
+    return self.loglikelihood_tokens([self.encode_pair(c, x) for c, x in requests], desc=desc)
+
+  def loglikelihood_rolling(self, texts: Sequence[str], desc: str = "loglikelihood_rolling") -> list[float]:
+    """Log-probability of each whole text, in windows of at most `max_seq_len` predicted
+    tokens, each window conditioned on as much preceding text as fits."""
+    pairs, owner = [], []
+    for k, text in enumerate(texts):
+      full = self.prefix + self.tokenizer.encode(text)
+      for start in range(1, len(full), self.max_len):
+        end = min(start + self.max_len, len(full))
+        context_start = max(0, end - self.max_len - 1)
+        pairs.append((full[context_start:start], full[start:end]))
+        owner.append(k)
+    totals = [0.0] * len(texts)
+    for k, (logp, _) in zip(owner, self.loglikelihood_tokens(pairs, desc=desc)):
+      totals[k] += logp
+    return totals
+
+  # --- generation ---------------------------------------------------------
+
+  def generate_until(self, contexts: Sequence[str], until: Sequence[str], max_gen_toks: int = 256,
+                     desc: str = "generate_until", use_cache: bool = True) -> list[str]:
+    """Greedy continuation of each context, cut before the first stop sequence.
+
+    Generation also stops at EOS and after `max_gen_toks` tokens (at most
+    half the model's length); the context keeps its last
+    `max_seq_len - max_gen_toks` tokens.
+    """
+    max_new = max(1, min(max_gen_toks, self.max_len // 2))
+    max_prompt = self.max_len - max_new
+    prompts = [(self.prefix + self.tokenizer.encode(c))[-max_prompt:] for c in contexts]
+    eos = self.tokenizer.eos_id
+    stops = [s for s in until if s]
+
+    def done(tokens: list[int]) -> bool:
+      if tokens[-1] == eos:
+        return True
+      text = self.tokenizer.decode(tokens)
+      return any(s in text for s in stops)
+
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    outputs: list[str] = [""] * len(prompts)
+    batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+    with self.restored.context():
+      for batch_ids in tqdm.tqdm(batches, desc=desc, disable=not self.progress, dynamic_ncols=True, leave=False):
+        width = next(b for b in self.buckets if b >= len(prompts[batch_ids[0]]))
+        width = min(width, max_prompt)
+        rows = [prompts[i] for i in batch_ids]
+        rows += [rows[-1]] * (self.batch_size - len(rows))  # filler rows, discarded
+        tokens = self._generator.generate(self.restored.params, rows, max_new, prompt_len=width, done=done,
+                                          use_cache=use_cache)
+        for r, i in enumerate(batch_ids):
+          ids = tokens[r][:-1] if tokens[r] and tokens[r][-1] == eos else tokens[r]
+          outputs[i] = scoring.truncate_at_stop(self.tokenizer.decode(ids), stops)
+    return outputs

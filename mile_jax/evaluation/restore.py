@@ -1,0 +1,142 @@
+"""Loads a trained run (config, tokenizer, parameters) onto this machine's devices.
+
+A run's workdir holds `config.json`, `tokenizer.model`, `token_counts.npy` and
+`checkpoints/<step>/`. The train state is restored through the same model
+code and sharding rules as training, onto a mesh built from whatever devices
+this machine has (`mesh_shape`, default all devices in FSDP), so a checkpoint
+written on a pod restores on one CPU. The optimizer state is restored with
+the parameters (Orbax reads the whole state) and dropped.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from mile_jax import checkpoint as checkpoint_lib
+from mile_jax import model as model_lib
+from mile_jax import optim
+from mile_jax import sharding
+from mile_jax import train_lib
+from mile_jax.data import tokenizer as tokenizer_lib
+from mile_jax.evaluation.errors import EvalError
+
+DEFAULT_MESH_SHAPE = (1, -1, 1)
+
+
+@dataclasses.dataclass
+class Restored:
+  """A restored model ready to evaluate."""
+  config: ml_collections.ConfigDict
+  model: model_lib.Decoder
+  params: Any  # unboxed parameter tree placed with its NamedShardings
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  tokenizer: tokenizer_lib.Tokenizer
+  step: int
+  workdir: str
+  config_hash: str
+
+  def context(self):
+    """The mesh and logical-axis rules, entered around every traced call."""
+    return train_lib.mesh_context(self.mesh, self.rules)
+
+  @property
+  def max_seq_len(self) -> int:
+    return int(self.config.model.max_seq_len)
+
+  def token_counts(self) -> np.ndarray:
+    """int64 [vocab]: training-split occurrences of each token id."""
+    path = os.path.join(self.workdir, "token_counts.npy")
+    if not os.path.isfile(path):
+      raise EvalError(f"{path} is missing: the bucket analysis needs the training token counts "
+                      f"that train.py writes into the workdir")
+    counts = np.load(path)
+    if counts.shape != (self.config.model.vocab_size,):
+      raise EvalError(f"{path}: expected {self.config.model.vocab_size} counts, found shape {counts.shape}")
+    return counts
+
+
+def config_hash(config_json: dict) -> str:
+  """A short digest of the resolved config (key order does not matter)."""
+  blob = json.dumps(config_json, sort_keys=True, separators=(",", ":"))
+  return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:12]
+
+
+def _steps_in(checkpoint_dir: str) -> list[int]:
+  if not os.path.isdir(checkpoint_dir):
+    return []
+  return sorted(int(n) for n in os.listdir(checkpoint_dir)
+                if n.isdigit() and os.path.isdir(os.path.join(checkpoint_dir, n)))
+
+
+def locate(path: str, step: int | None) -> tuple[str, str, int]:
+  """(workdir, checkpoint directory, step) for a workdir, its `checkpoints/`
+  or one `checkpoints/<step>` directory; the latest step when `step` is None."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(path):
+    raise EvalError(f"--workdir: no such directory {path}")
+  name = os.path.basename(path)
+  if name.isdigit() and os.path.basename(os.path.dirname(path)) == "checkpoints":
+    checkpoint_dir, step = os.path.dirname(path), int(name) if step is None else step
+  elif name == "checkpoints":
+    checkpoint_dir = path
+  else:
+    checkpoint_dir = os.path.join(path, "checkpoints")
+  workdir = os.path.dirname(checkpoint_dir)
+  steps = _steps_in(checkpoint_dir)
+  if not steps:
+    raise EvalError(f"--workdir: no checkpoints in {checkpoint_dir}; train first "
+                    f"(python train.py --workdir {workdir}) or point --workdir at a trained run")
+  if step is None:
+    step = steps[-1]
+  if step not in steps:
+    raise EvalError(f"--step: no checkpoint {step} in {checkpoint_dir}; available steps: {steps}")
+  return workdir, checkpoint_dir, step
+
+
+def load_config(workdir: str) -> tuple[ml_collections.ConfigDict, dict]:
+  """The run's config (and its JSON) from `config.json`."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise EvalError(f"{path} is missing: eval.py needs the config.json that train.py writes into the workdir")
+  with open(path, encoding="utf-8") as f:
+    config_json = json.load(f)
+  return ml_collections.ConfigDict(config_json), config_json
+
+
+def restore(path: str, step: int | None = None, mesh_shape: Sequence[int] = DEFAULT_MESH_SHAPE,
+            devices: Sequence[Any] | None = None) -> Restored:
+  """Restores the parameters at `step` (default: latest) of the run at `path`.
+
+  Args:
+    path: a workdir, its `checkpoints/` directory or one `checkpoints/<step>/`.
+    mesh_shape: (data, fsdp, tensor) over `devices`; one -1 allowed.
+    devices: default all of this process's devices.
+  Raises:
+    EvalError: naming the directory, file or flag to fix, before any compile.
+  """
+  workdir, checkpoint_dir, step = locate(path, step)
+  config, config_json = load_config(workdir)
+  tokenizer_path = os.path.join(workdir, "tokenizer.model")
+  if not os.path.isfile(tokenizer_path):
+    raise EvalError(f"{tokenizer_path} is missing: eval.py needs the tokenizer that train.py writes into the workdir")
+  tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path)
+  try:
+    mesh = sharding.make_mesh(mesh_shape, devices)
+  except ValueError as e:
+    raise EvalError(f"--mesh_shape: {e}") from None
+  rules = sharding.rules_tuple(config.mesh.rules)
+  model = model_lib.Decoder(model_lib.DecoderConfig.from_config(config.model))
+  tx, _ = optim.make_optimizer(config.optim, config.train.steps)
+  abstract, shardings = train_lib.state_shardings(model, tx, mesh, rules, config.data.seq_len)
+  checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir, every_steps=1, max_to_keep=1 << 30,
+                                             async_save=False)
+  state = checkpointer.restore(step, checkpoint_lib.abstract_with_shardings(abstract, shardings))
+  return Restored(config=config, model=model, params=state.params, mesh=mesh, rules=rules, tokenizer=tokenizer,
+                  step=step, workdir=workdir, config_hash=config_hash(config_json))

@@ -1,0 +1,182 @@
+"""What `eval.py` runs: checks every input, restores the checkpoint, runs the
+requested tasks, writes the JSON result and prints the Markdown table."""
+
+import dataclasses
+import datetime
+import os
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+
+from mile_jax import data as data_lib
+from mile_jax.config_lib import ConfigError
+from mile_jax.evaluation import buckets as buckets_lib
+from mile_jax.evaluation import lm as lm_lib
+from mile_jax.evaluation import perplexity
+from mile_jax.evaluation import report
+from mile_jax.evaluation import restore as restore_lib
+from mile_jax.evaluation import scoring
+from mile_jax.evaluation import task_data
+from mile_jax.evaluation import tasks as tasks_lib
+from mile_jax.evaluation.errors import EvalError
+
+
+@dataclasses.dataclass
+class EvalOptions:
+  """Everything eval.py's flags set (see eval.py for each one's meaning)."""
+  workdir: str
+  step: int | None = None
+  tasks: str = "ppl"
+  num_fewshot: int | None = None  # None: each task's default (0; MMLU 5)
+  limit: int = 0  # 0: every document
+  task_data_dir: str = ""
+  batch_size: int = 32
+  ppl_batches: int = 0  # 0: one pass over the validation rows
+  ppl_source: str = ""  # "": the run's data.source
+  bucket_high: float = 0.8
+  bucket_low: float = 0.05
+  max_gen_toks: int = 256
+  mesh_shape: Sequence[int] = restore_lib.DEFAULT_MESH_SHAPE
+  output: str = ""  # "": <workdir>/eval/step<N>_<time>.json
+  devices: Sequence[Any] | None = None
+
+
+def _check(opts: EvalOptions) -> list[str]:
+  """Every check that needs no model: task names, task files, bucket settings."""
+  names = tasks_lib.parse_task_names(opts.tasks)
+  if opts.num_fewshot is not None and opts.num_fewshot < 0:
+    raise EvalError(f"--num_fewshot: must be >= 0, got {opts.num_fewshot}")
+  if opts.limit < 0:
+    raise EvalError(f"--limit: must be >= 0, got {opts.limit}")
+  benchmarks = [n for n in names if n in tasks_lib.TASKS]
+  if benchmarks and not opts.task_data_dir:
+    raise EvalError(f"--task_data_dir: needed for {', '.join(benchmarks)} (a directory with <task>/<split>.jsonl)")
+  for name in benchmarks:
+    task = tasks_lib.TASKS[name]
+    task_data.check_files(opts.task_data_dir, task, _num_fewshot(task, opts))
+  if "buckets" in names:
+    buckets_lib.frequency_buckets([1], opts.bucket_high, opts.bucket_low)
+  return names
+
+
+def _num_fewshot(task: tasks_lib.Task, opts: EvalOptions) -> int:
+  return task.default_num_fewshot if opts.num_fewshot is None else opts.num_fewshot
+
+
+def _metric(values: Sequence[float]) -> dict[str, float]:
+  mean, se = scoring.mean_stderr(values)
+  return {"value": mean, "stderr": se}
+
+
+def _text_dataset(restored: restore_lib.Restored, opts: EvalOptions):
+  """The validation split of the run's corpus (or of `--ppl_source`), tokenized
+  with the run's own tokenizer."""
+  data_config = ml_collections.ConfigDict(restored.config.data.to_dict())
+  data_config.tokenizer_path = os.path.join(restored.workdir, "tokenizer.model")
+  data_config.global_batch_size = opts.batch_size
+  if opts.ppl_source:
+    data_config.source = opts.ppl_source
+  try:
+    return data_lib.make_data(data_config, restored.config.model.vocab_size, restored.config.data.seq_len,
+                              restored.config.seed).validation
+  except ConfigError as e:
+    raise EvalError(f"--ppl_source / the run's data config: {e}") from None
+
+
+def text_metrics(restored, names: Sequence[str], opts: EvalOptions) -> dict[str, dict]:
+  dataset = _text_dataset(restored, opts)
+  out = {}
+  if "buckets" in names:
+    bucket_of_id = buckets_lib.frequency_buckets(restored.token_counts(), opts.bucket_high, opts.bucket_low)
+    sums = perplexity.evaluate(restored, dataset, batch_size=opts.batch_size, max_batches=opts.ppl_batches,
+                               bucket_of_id=bucket_of_id, num_buckets=len(buckets_lib.BUCKET_NAMES),
+                               desc="ppl+buckets")
+  else:
+    bucket_of_id = None
+    sums = perplexity.evaluate(restored, dataset, batch_size=opts.batch_size, max_batches=opts.ppl_batches)
+  overall = perplexity.summarize(sums)
+  if "ppl" in names:
+    out["ppl"] = {"version": "1", "num_examples": int(overall["tokens"]), "num_fewshot": 0, "metrics": {
+        "perplexity": {"value": overall["perplexity"], "stderr": overall["perplexity_stderr"]},
+        "ce": {"value": overall["ce"], "stderr": overall["ce_stderr"]},
+        "tokens": {"value": overall["tokens"], "stderr": None}}}
+  if bucket_of_id is not None:
+    metrics = {}
+    for k, name in enumerate(buckets_lib.BUCKET_NAMES):
+      s = perplexity.summarize(sums, k)
+      metrics[f"{name}.perplexity"] = {"value": s["perplexity"], "stderr": s["perplexity_stderr"]}
+      metrics[f"{name}.entropy"] = {"value": s["entropy"], "stderr": None}
+      metrics[f"{name}.tokens"] = {"value": s["tokens"], "stderr": None}
+      metrics[f"{name}.ids"] = {"value": float((bucket_of_id == k).sum()), "stderr": None}
+    out["buckets"] = {"version": "1", "num_examples": int(overall["tokens"]), "num_fewshot": 0,
+                      "thresholds": {"high": opts.bucket_high, "low": opts.bucket_low}, "metrics": metrics}
+  return out
+
+
+def score_task(lm: lm_lib.LanguageModel, task: tasks_lib.Task, opts: EvalOptions) -> dict:
+  """Runs one benchmark (all its sub-tasks) and returns its result entry."""
+  k = _num_fewshot(task, opts)
+  docs = task_data.load_split(opts.task_data_dir, task, task.eval_split, opts.limit)
+  pool = task_data.load_split(opts.task_data_dir, task, task.fewshot_split) if k > 0 else []
+  subtasks = {}
+  for sub_name, sub_docs, sub_pool in tasks_lib.split_subtasks(task, docs, pool):
+    if opts.limit > 0:
+      sub_docs = sub_docs[:opts.limit]
+    examples = tasks_lib.build_examples(task, sub_docs, sub_pool, k)
+    per_doc: dict[str, list[float]] = {m: [] for m in task.metrics}
+    if task.output == "generate_until":
+      outputs = lm.generate_until([e.prompt for e in examples], task.until, opts.max_gen_toks, desc=sub_name)
+      per_doc["exact_match"] = [scoring.exact_match(o, e.gold) for o, e in zip(outputs, examples)]
+    else:
+      flat = [r for e in examples for r in e.requests]
+      results = iter(lm.loglikelihood(flat, desc=sub_name))
+      for e in examples:
+        lls = [next(results)[0] for _ in e.requests]
+        scores = scoring.multiple_choice(lls, e.choices, e.gold)
+        for m in task.metrics:
+          per_doc[m].append(scores[m])
+    subtasks[sub_name] = {"version": task.version, "num_examples": len(examples), "num_fewshot": k,
+                          "metrics": {m: _metric(v) for m, v in per_doc.items()}}
+  if task.subtask_field is None:
+    return subtasks[task.name]
+  sizes = [s["num_examples"] for s in subtasks.values()]
+  metrics = {}
+  for m in task.metrics:
+    mean, se = scoring.pooled_mean_stderr([s["metrics"][m]["value"] for s in subtasks.values()],
+                                          [s["metrics"][m]["stderr"] for s in subtasks.values()], sizes)
+    metrics[m] = {"value": mean, "stderr": se}
+  return {"version": task.version, "num_examples": sum(sizes), "num_fewshot": k, "metrics": metrics,
+          "subtasks": subtasks}
+
+
+def evaluate(opts: EvalOptions) -> dict:
+  """Checks the inputs, restores the checkpoint, runs the tasks; returns the result dict."""
+  names = _check(opts)
+  workdir, _, _ = restore_lib.locate(opts.workdir, opts.step)
+  if "buckets" in names and not os.path.isfile(os.path.join(workdir, "token_counts.npy")):
+    raise EvalError(f"{os.path.join(workdir, 'token_counts.npy')} is missing: the bucket analysis needs the "
+                    f"training token counts that train.py writes into the workdir")
+  restored = restore_lib.restore(opts.workdir, opts.step, opts.mesh_shape, opts.devices)
+  result = {"workdir": restored.workdir, "step": restored.step, "config_hash": restored.config_hash,
+            "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "devices": f"{restored.mesh.size} x {jax.devices()[0].device_kind}",
+            "harness": tasks_lib.HARNESS_VERSION, "tasks": {}}
+  text = [n for n in names if n in tasks_lib.TEXT_METRICS]
+  if text:
+    result["tasks"].update(text_metrics(restored, text, opts))
+  benchmarks = [n for n in names if n in tasks_lib.TASKS]
+  if benchmarks:
+    lm = lm_lib.LanguageModel(restored, batch_size=opts.batch_size)
+    for name in benchmarks:
+      result["tasks"][name] = score_task(lm, tasks_lib.TASKS[name], opts)
+  return result
+
+
+def evaluate_and_report(opts: EvalOptions, echo=print) -> str:
+  """`evaluate`, then writes the JSON file and prints the table; returns the file's path."""
+  result = evaluate(opts)
+  path = report.write_json(result, opts.output or report.default_path(result))
+  echo(report.markdown(result))
+  echo(f"\nWrote {path}")
+  return path

@@ -1,0 +1,254 @@
+"""Surviving faults: one run per workdir, stopping cleanly on a signal, trimming logs on resume.
+
+- `WorkdirLock`: `<workdir>/lock` names the process that uses the workdir; a
+  second run refuses to start, a lock left by a dead process is taken over.
+- `StopSignals`: SIGTERM and SIGINT become a request to stop after the
+  current step (the loop then saves and returns). In a multi-process run the
+  JAX preemption service owns SIGTERM, and every process asks
+  `reached_preemption_sync_point` instead, so that all save the same step.
+- `drop_records_after`: a resumed run re-does the steps after its checkpoint;
+  their first records are dropped from `metrics.jsonl` so that it reads as
+  one uninterrupted run.
+"""
+
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+
+import jax
+from jax.experimental import multihost_utils
+
+LOCK_NAME = "lock"
+
+
+class WorkdirLockedError(RuntimeError):
+  """Another live process holds the workdir's lock."""
+
+
+class NonFiniteError(RuntimeError):
+  """A step produced a non-finite loss or gradient and `train.skip_nonfinite` is off."""
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # Alive, owned by someone else.
+    return True
+  return True
+
+
+class WorkdirLock:
+  """An exclusive claim on a workdir, held from `acquire()` to `release()`.
+
+  The lock file holds JSON {pid, host, since}. A lock is stale when its
+  holder is on this host and no longer alive, or, for a holder on another
+  host (a shared filesystem), when its heartbeat (the file's mtime, refreshed
+  every `heartbeat_s` by a daemon thread) is older than `stale_after_s`.
+  """
+
+  def __init__(self, workdir: str, *, heartbeat_s: float = 30.0, stale_after_s: float = 300.0,
+               echo=print):
+    self.path = os.path.join(os.path.abspath(workdir), LOCK_NAME)
+    self.heartbeat_s = heartbeat_s
+    self.stale_after_s = stale_after_s
+    self._echo = echo
+    self._stop = threading.Event()
+    self._thread = None
+    self._held = False
+
+  def _create(self) -> bool:
+    """Creates the lock file atomically; False if it already exists."""
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+    try:
+      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      json.dump(info, f)
+    return True
+
+  def holder(self) -> tuple[dict, float] | None:
+    """(the lock file's JSON, its mtime), or None when there is no lock."""
+    try:
+      with open(self.path, encoding="utf-8") as f:
+        text = f.read()
+      mtime = os.path.getmtime(self.path)
+    except FileNotFoundError:
+      return None
+    try:
+      info = json.loads(text)
+    except json.JSONDecodeError:
+      info = {}  # Written half by a killed process: no holder to respect.
+    return info, mtime
+
+  def stale_reason(self, info: dict, mtime: float) -> str | None:
+    """Why the lock described by `info` is stale, or None if its holder may be alive."""
+    pid, host = info.get("pid"), info.get("host")
+    if not isinstance(pid, int) or not host:
+      return "the lock file is unreadable"
+    if host == socket.gethostname():
+      if pid == os.getpid():  # A process before this one had our pid (a restarted container).
+        return f"process {pid} on {host} is gone"
+      return None if _pid_alive(pid) else f"process {pid} on {host} is gone"
+    age = time.time() - mtime
+    if age > self.stale_after_s:
+      return f"the holder on {host} has not refreshed it for {age:.0f} s"
+    return None
+
+  def acquire(self) -> None:
+    """Takes the lock, taking over a stale one; raises WorkdirLockedError if held."""
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    for _ in range(3):
+      if self._create():
+        self._held = True
+        self._start_heartbeat()
+        return
+      found = self.holder()
+      if found is None:
+        continue  # Released in between: try again.
+      info, mtime = found
+      reason = self.stale_reason(info, mtime)
+      if reason is None:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("since", mtime)))
+        raise WorkdirLockedError(
+            f"workdir {os.path.dirname(self.path)} is in use by process {info['pid']} on host "
+            f"{info['host']} (since {since}); wait for it to finish, stop it, or use another --workdir. "
+            f"If that process is gone, delete {self.path}")
+      # Moved aside rather than deleted, so two runs taking over at once cannot both win.
+      aside = f"{self.path}.stale-{os.getpid()}"
+      try:
+        os.rename(self.path, aside)
+      except FileNotFoundError:
+        continue
+      os.remove(aside)
+      self._echo(f"Taking over the stale lock {self.path}: {reason}")
+    raise WorkdirLockedError(f"could not take the lock {self.path}; another run is starting in this workdir")
+
+  def _start_heartbeat(self) -> None:
+    def beat():
+      while not self._stop.wait(self.heartbeat_s):
+        try:
+          os.utime(self.path)
+        except OSError:
+          return
+    self._thread = threading.Thread(target=beat, name="mile_jax-lock", daemon=True)
+    self._thread.start()
+
+  def release(self) -> None:
+    if not self._held:
+      return
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join(timeout=5.0)
+    try:
+      os.remove(self.path)
+    except FileNotFoundError:
+      pass
+    self._held = False
+
+  def __enter__(self):
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+def check_writable(workdir: str) -> None:
+  """Raises OSError (with the reason) unless files can be created in `workdir`."""
+  os.makedirs(workdir, exist_ok=True)
+  probe = os.path.join(workdir, f".write-test-{os.getpid()}")
+  with open(probe, "w", encoding="utf-8") as f:
+    f.write("ok")
+  os.remove(probe)
+
+
+def reached_preemption_sync_point(step: int) -> bool:
+  """JAX's preemption sync point; False in a single process or without the service."""
+  if jax.process_count() == 1:
+    return False
+  try:
+    return multihost_utils.reached_preemption_sync_point(step)
+  except RuntimeError:  # The preemption service is disabled.
+    return False
+
+
+class StopSignals:
+  """While entered, SIGTERM and SIGINT ask the training loop to stop.
+
+  The first signal sets `received` (its name); a second SIGINT raises
+  KeyboardInterrupt as usual. Handlers are installed only in a single-process
+  run on the main thread; a multi-process run relies on the preemption sync
+  point (see `should_stop`), as JAX's preemption service catches SIGTERM.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self, echo=print):
+    self.received: str | None = None
+    self._echo = echo
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.received is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    if self.received is None:
+      self.received = signal.Signals(signum).name
+      self._echo(f"Received {self.received}: stopping after the current step and saving a checkpoint")
+
+  def __enter__(self):
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
+
+  def should_stop(self, step: int) -> bool:
+    """Called after every step by every process, with the same `step`."""
+    if reached_preemption_sync_point(step):
+      self.received = self.received or "preemption notice"
+      return True
+    return self.received is not None
+
+
+def drop_records_after(path: str, step: int) -> int:
+  """Removes the records of `metrics.jsonl` at `path` logged after `step`.
+
+  A run resumed from checkpoint `step` logs the later steps again; without
+  this the file would hold both. Returns how many lines were dropped. The
+  file is replaced atomically, so a kill during the rewrite loses nothing.
+  """
+  try:
+    with open(path, encoding="utf-8") as f:
+      lines = f.readlines()
+  except FileNotFoundError:
+    return 0
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue  # A line cut short by a kill.
+    if record.get("step", 0) <= step:
+      kept.append(line if line.endswith("\n") else line + "\n")
+  dropped = len(lines) - len(kept)
+  if dropped:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(kept)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+    logging.info("Dropped %d records after step %d from %s", dropped, step, path)
+  return dropped

@@ -1,0 +1,164 @@
+"""Checkpoints: restore onto any mesh, fall back past an unreadable newest step,
+refuse another model's checkpoint, and hold what resuming and evaluation need."""
+
+import base64
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from mile_jax import checkpoint as checkpoint_lib
+from mile_jax import config_lib
+from mile_jax import train_lib
+
+
+def random_state(trainer, seed):
+  """A TrainState of random values (numpy), placed with the trainer's shardings."""
+  rng = np.random.default_rng(seed)
+  def leaf(a, s):
+    if np.issubdtype(a.dtype, np.integer):
+      value = rng.integers(0, 1000, a.shape).astype(a.dtype)
+    else:
+      value = rng.standard_normal(a.shape).astype(a.dtype)
+    return value, jax.device_put(value, s)
+  pairs = jax.tree.map(leaf, trainer.abstract_state, trainer.state_shardings)
+  is_pair = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], np.ndarray)  # noqa: E731
+  return (jax.tree.map(lambda p: p[0], pairs, is_leaf=is_pair),
+          jax.tree.map(lambda p: p[1], pairs, is_leaf=is_pair))
+
+
+def assert_state_equal(restored, expected):
+  leaves_r, tree_r = jax.tree.flatten(restored)
+  leaves_e, tree_e = jax.tree.flatten(expected)
+  assert tree_r == tree_e
+  for r, e in zip(leaves_r, leaves_e):
+    np.testing.assert_array_equal(np.asarray(jax.device_get(r)), e)
+
+
+@pytest.mark.parametrize("save_mesh, restore_meshes", [
+    ((2, 2, 2), [((1, 1, 1), 1), ((8, 1, 1), 8)]),
+    ((8, 1, 1), [((2, 2, 2), 8)]),
+    ((1, 1, 1), [((2, 2, 2), 8), ((1, 4, 2), 8)]),
+])
+def test_restore_onto_other_meshes(tiny_config, tmp_path, save_mesh, restore_meshes):
+  workdir = str(tmp_path)
+  devices = jax.devices()[:int(np.prod(save_mesh))]
+  saver = train_lib.Trainer(tiny_config(**{"mesh.shape": save_mesh}), workdir, devices=devices)
+  expected, state = random_state(saver, seed=1)
+  saver.checkpointer.save(7, state)
+  saver.checkpointer.wait()
+  for shape, count in restore_meshes:
+    trainer = train_lib.Trainer(tiny_config(**{"mesh.shape": shape}), workdir, devices=jax.devices()[:count])
+    restored = trainer.initial_state()
+    assert trainer.restored_step == 7
+    assert_state_equal(restored, expected)
+    # The arrays are laid out as the target mesh says, not as they were saved.
+    for r, s in zip(jax.tree.leaves(restored), jax.tree.leaves(trainer.state_shardings)):
+      assert r.sharding.is_equivalent_to(s, r.ndim)
+    kernel = restored.params["lm_head"]["kernel"]
+    assert len(kernel.sharding.device_set) == count
+
+
+def corrupt(step_dir):
+  """Damages a saved state the way a bad disk or a partial copy would."""
+  os.remove(os.path.join(step_dir, "state", "_METADATA"))
+
+
+def test_damaged_newest_restores_previous_and_keeps_both(tiny_config, tmp_path):
+  workdir = str(tmp_path)
+  trainer = train_lib.Trainer(tiny_config(**{"checkpoint.max_to_keep": 2}), workdir)
+  expected10, state10 = random_state(trainer, seed=10)
+  _, state20 = random_state(trainer, seed=20)
+  trainer.checkpointer.save(10, state10)
+  trainer.checkpointer.save(20, state20)
+  trainer.checkpointer.wait()
+  ckpt = trainer.checkpointer.directory
+  corrupt(os.path.join(ckpt, "20"))
+  # What a process killed while saving leaves: Orbax's temporary directory, never listed.
+  shutil.copytree(os.path.join(ckpt, "10"), os.path.join(ckpt, "30.orbax-checkpoint-tmp-1234"))
+
+  messages = []
+  resumed = train_lib.Trainer(tiny_config(**{"checkpoint.max_to_keep": 2}), workdir, echo=messages.append)
+  restored = resumed.initial_state()
+  assert resumed.restored_step == 10
+  assert_state_equal(restored, expected10)
+  warning = [m for m in messages if m.startswith("Checkpoint ")]
+  assert len(warning) == 1
+  assert os.path.join(ckpt, "20") in warning[0] and os.path.join(ckpt, "10") in warning[0]
+  # The unreadable step is kept aside, the good one untouched, and step 20 can be saved again.
+  assert sorted(os.listdir(ckpt))[:3] == ["10", "20.unreadable", "30.orbax-checkpoint-tmp-1234"]
+  assert resumed.checkpointer.all_steps() == [10]
+  resumed.checkpointer.save(20, restored)
+  resumed.checkpointer.wait()
+  assert resumed.checkpointer.all_steps() == [10, 20]
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tiny_config, tmp_path):
+  trainer = train_lib.Trainer(tiny_config(), str(tmp_path))
+  _, state = random_state(trainer, seed=3)
+  trainer.checkpointer.save(5, state)
+  trainer.checkpointer.wait()
+  corrupt(os.path.join(trainer.checkpointer.directory, "5"))
+  with pytest.raises(checkpoint_lib.CheckpointError, match="no readable checkpoint in .*step 5"):
+    train_lib.Trainer(tiny_config(), str(tmp_path)).initial_state()
+  assert os.path.isdir(os.path.join(trainer.checkpointer.directory, "5"))
+
+
+def test_checkpoint_of_another_model_shape_is_refused_by_name(tiny_config, tmp_path):
+  trainer = train_lib.Trainer(tiny_config(), str(tmp_path))
+  _, state = random_state(trainer, seed=4)
+  trainer.checkpointer.save(3, state, trainer.config_json)
+  trainer.checkpointer.wait()
+  with pytest.raises(config_lib.ConfigError) as info:
+    train_lib.Trainer(tiny_config(**{"model.d_model": 128, "model.n_layers": 3}), str(tmp_path))
+  message = str(info.value)
+  assert message.startswith("model.d_model: checkpoint " + os.path.join(str(tmp_path), "checkpoints", "3"))
+  assert "model.d_model=64 there, 128 in this config" in message
+  assert "model.n_layers=2 there, 3 in this config" in message
+  # Settings that do not change any array shape may change on resume.
+  train_lib.Trainer(tiny_config(**{"loss.gamma": 0.5, "optim.learning_rate": 1e-4}), str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+  from conftest import make_tiny_config  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path_factory.mktemp("trained"))
+  config = make_tiny_config(**{"train.steps": 4, "checkpoint.every_steps": 2, "train.log_every": 2,
+                             "optim.warmup_steps": 2})
+  train_lib.Trainer(config, workdir).run()
+  return workdir, config
+
+
+def test_checkpoint_holds_config_data_position_and_tokenizer(trained_workdir):
+  workdir, config = trained_workdir
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=2, max_to_keep=3)
+  assert ckpt.all_steps() == [2, 4]
+  for step in (2, 4):
+    assert ckpt.restore_config(step)["model"]["d_model"] == config.model.d_model
+    meta = ckpt.restore_meta(step)
+    assert meta["data"] == {"next_batch_step": step, "seed": config.seed}
+    with open(os.path.join(workdir, "tokenizer.model"), "rb") as f:
+      tokenizer = f.read()
+    assert checkpoint_lib.tokenizer_bytes(meta) == tokenizer
+    assert meta["tokenizer"]["model_base64"] == base64.b64encode(tokenizer).decode("ascii")
+
+
+def test_resuming_with_another_tokenizer_is_refused(trained_workdir, tmp_path):
+  workdir, config = trained_workdir
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  # Checkpoint 4 as if trained with another tokenizer: its saved fingerprint differs.
+  meta_file = os.path.join(copy, "checkpoints", "4", "meta", "metadata")
+  with open(meta_file, encoding="utf-8") as f:
+    meta = json.load(f)
+  meta["tokenizer"]["sha256"] = "0" * 64
+  with open(meta_file, "w", encoding="utf-8") as f:
+    json.dump(meta, f)
+  other = config.copy_and_resolve_references()
+  other.train.steps = 6
+  with pytest.raises(config_lib.ConfigError, match=r"data.tokenizer_path: the tokenizer differs from the one "
+                     r"checkpoint .*/checkpoints/4 was trained with"):
+    train_lib.Trainer(other, copy).run()

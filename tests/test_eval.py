@@ -1,0 +1,170 @@
+"""eval.py on a real (tiny) checkpoint: perplexity, log-likelihoods and generation
+against direct float64 computations from the model's logits."""
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import jax
+import numpy as np
+import pytest
+
+import conftest
+from mile_jax import train_lib
+from mile_jax.evaluation import buckets as buckets_lib
+from mile_jax.evaluation import harness
+from mile_jax.evaluation import lm as lm_lib
+from mile_jax.evaluation import perplexity
+from mile_jax.evaluation import restore as restore_lib
+from mile_jax.evaluation import runner
+from mile_jax.evaluation.errors import EvalError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("run"))
+  config = conftest.make_tiny_config(**{"train.steps": 10, "checkpoint.every_steps": 10})
+  train_lib.Trainer(config, path, devices=jax.devices()[:1]).run()
+  return path
+
+
+@pytest.fixture(scope="module")
+def restored(workdir):
+  return restore_lib.restore(workdir, mesh_shape=(1, 1, 1), devices=jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def lm(restored):
+  return lm_lib.LanguageModel(restored, batch_size=4, progress=False)
+
+
+def _log_softmax64(logits):
+  z = np.asarray(logits, np.float64)
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+_APPLY = {}
+
+
+def _logits(restored, tokens):
+  """(len(tokens), V) logits of one unpadded sequence; computed on a right-padded
+  buffer of max_seq_len (causal: the padding cannot change them) to compile once."""
+  if id(restored) not in _APPLY:
+    _APPLY[id(restored)] = jax.jit(lambda p, t: restored.model.apply({"params": p}, t))
+  buffer = np.zeros((1, restored.max_seq_len), np.int32)
+  buffer[0, :len(tokens)] = tokens
+  return np.asarray(_APPLY[id(restored)](restored.params, buffer))[0, :len(tokens)]
+
+
+def test_perplexity_and_buckets_match_a_direct_computation(workdir, restored):
+  opts = runner.EvalOptions(workdir=workdir, batch_size=8)
+  dataset = runner._text_dataset(restored, opts)  # pylint: disable=protected-access
+  bucket_of_id = buckets_lib.frequency_buckets(restored.token_counts())
+  sums = perplexity.evaluate(restored, dataset, batch_size=8, max_batches=2, bucket_of_id=bucket_of_id,
+                             num_buckets=3)
+  ce, entropy, ids = [], [], []
+  for step in range(2):
+    batch = dataset.batch(step, 8)
+    logp = _log_softmax64(restored.model.apply({"params": restored.params}, batch["inputs"]))
+    ce.append(-np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0].ravel())
+    entropy.append(-(np.exp(logp) * logp).sum(-1).ravel())
+    ids.append(batch["targets"].ravel())
+  ce, entropy, ids = map(np.concatenate, (ce, entropy, ids))
+  overall = perplexity.summarize(sums)
+  assert overall["tokens"] == 2 * 8 * 32
+  np.testing.assert_allclose(overall["ce"], ce.mean(), rtol=1e-5)
+  np.testing.assert_allclose(overall["perplexity"], np.exp(ce.mean()), rtol=1e-5)
+  np.testing.assert_allclose(overall["ce_stderr"], ce.std(ddof=1) / np.sqrt(ce.size), rtol=1e-3)
+  for k, name in enumerate(buckets_lib.BUCKET_NAMES):
+    sel = bucket_of_id[ids] == k
+    got = perplexity.per_bucket(sums, buckets_lib.BUCKET_NAMES)[name]
+    assert got["tokens"] == sel.sum() > 0
+    np.testing.assert_allclose(got["perplexity"], np.exp(ce[sel].mean()), rtol=1e-5)
+    np.testing.assert_allclose(got["entropy"], entropy[sel].mean(), rtol=1e-5)
+  # The same checkpoint restored onto all 8 devices (FSDP) gives the same sums.
+  wide = restore_lib.restore(workdir, mesh_shape=(1, -1, 1))
+  wide_sums = perplexity.evaluate(wide, dataset, batch_size=8, max_batches=2, bucket_of_id=bucket_of_id,
+                                  num_buckets=3)
+  np.testing.assert_allclose(wide_sums["ce_sum"], sums["ce_sum"], rtol=1e-5)
+
+
+def test_loglikelihood_matches_a_direct_computation(restored, lm):
+  requests = [("Return the value of", " x."), ("The module", " defines functions"), ("", "Hello world"),
+              ("Question: what?\nAnswer: ", "yes")]
+  results = lm.loglikelihood(requests)
+  for (context, continuation), (logp, greedy) in zip(requests, results):
+    context_ids, continuation_ids = lm.encode_pair(context, continuation)
+    assert context_ids[0] == restored.tokenizer.eos_id and len(continuation_ids) > 0
+    tokens = context_ids + continuation_ids
+    logits = _logits(restored, tokens[:-1])
+    rows = _log_softmax64(logits)[len(context_ids) - 1:]
+    expected = sum(rows[i, t] for i, t in enumerate(continuation_ids))
+    np.testing.assert_allclose(logp, expected, rtol=1e-4)
+    assert greedy == all(np.argmax(logits[len(context_ids) - 1 + i]) == t for i, t in enumerate(continuation_ids))
+  # Trailing context whitespace moves to the continuation, as in the harness.
+  assert lm.encode_pair("Answer: ", "yes") == lm.encode_pair("Answer:", " yes")
+
+
+def test_rolling_loglikelihood_and_the_harness_adapter(restored, lm):
+  adapter = harness.HarnessLM(lm=lm)
+  request = lambda *args: types.SimpleNamespace(args=args)
+  text = "Return a new list of the items."
+  (rolling,) = adapter.loglikelihood_rolling([request(text)])
+  tokens = [restored.tokenizer.eos_id] + restored.tokenizer.encode(text)
+  rows = _log_softmax64(_logits(restored, tokens[:-1]))
+  np.testing.assert_allclose(rolling, sum(rows[i, t] for i, t in enumerate(tokens[1:])), rtol=1e-4)
+  pairs = [("The value", " of x"), ("A", " b")]
+  assert adapter.loglikelihood([request(*p) for p in pairs]) == lm.loglikelihood(pairs)
+  gen = adapter.generate_until([request("The value of", {"until": ["\n"], "max_gen_toks": 5})])
+  assert gen == lm.generate_until(["The value of"], ["\n"], 5)
+
+
+def test_generation_with_and_without_the_cache_gives_the_same_tokens(restored, lm):
+  prompts = [[3, 45, 67, 89, 12], [3, 7], [3, 100, 200, 300, 400, 500, 17, 18], [3, 9, 9]]
+  with restored.context():
+    cached = lm._generator.generate(restored.params, prompts, 8, prompt_len=16)  # pylint: disable=protected-access
+    plain = lm._generator.generate(restored.params, prompts, 8, prompt_len=16, use_cache=False)  # pylint: disable=protected-access
+  assert cached == plain and all(len(c) == 8 for c in cached)
+  for prompt, out in zip(prompts, cached):  # reference: one unpadded prompt at a time
+    tokens = list(prompt)
+    for _ in range(8):
+      tokens.append(int(np.argmax(_logits(restored, tokens)[-1])))
+    assert out == tokens[len(prompt):]
+
+
+def test_workdir_without_checkpoints_gives_one_clear_message(tmp_path):
+  with pytest.raises(EvalError, match=r"--workdir: no checkpoints in .*checkpoints; train first"):
+    runner.evaluate(runner.EvalOptions(workdir=str(tmp_path), tasks="ppl"))
+
+
+@pytest.mark.slow
+def test_eval_py_writes_results_and_rejects_bad_input(workdir, tmp_path):
+  task_dir = tmp_path / "tasks" / "boolq"
+  task_dir.mkdir(parents=True)
+  docs = [{"passage": "Cats purr.", "question": "do cats purr", "label": 1},
+          {"passage": "Fish swim.", "question": "do fish fly", "label": 0}]
+  (task_dir / "validation.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+  output = tmp_path / "result.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "eval.py", "--workdir", workdir, "--tasks", "ppl,boolq", "--ppl_batches", "1",
+         "--batch_size", "8", "--task_data_dir", str(tmp_path / "tasks"), "--output", str(output)]
+  done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False, env=env)
+  assert done.returncode == 0, done.stderr[-2000:]
+  result = json.loads(output.read_text())
+  assert result["step"] == 10 and result["tasks"]["boolq"]["num_examples"] == 2
+  assert result["tasks"]["ppl"]["num_examples"] == 8 * 32
+  assert "| boolq | acc |" in done.stdout
+  bad = subprocess.run(cmd[:4] + ["--tasks", "ppl,nope"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, check=False, env=env)
+  assert bad.returncode == 2
+  assert bad.stderr.strip().splitlines() == [
+      "Eval error: --tasks: unknown task 'nope'; known tasks: ppl, buckets, hellaswag, piqa, winogrande, "
+      "arc_easy, arc_challenge, openbookqa, siqa, boolq, mmlu, triviaqa"]
+  compared = subprocess.run([sys.executable, "eval.py", "--compare", str(output), str(output)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120, check=False, env=env)
+  assert compared.returncode == 0 and "| boolq | acc |" in compared.stdout and "+0.0000" in compared.stdout

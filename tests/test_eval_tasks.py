@@ -1,0 +1,198 @@
+"""Benchmark prompts, few-shot sampling, scoring and bucket thresholds against hand-written values."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+
+from mile_jax.evaluation import buckets
+from mile_jax.evaluation import report
+from mile_jax.evaluation import runner
+from mile_jax.evaluation import scoring
+from mile_jax.evaluation import tasks as tasks_lib
+from mile_jax.evaluation.errors import EvalError
+
+H, M, L = buckets.HIGH, buckets.MEDIUM, buckets.LOW
+
+
+def test_frequency_buckets_on_a_hand_made_table():
+  # Ranked: id0 50, id2 30, id3 10, id4 5, id5 5, id1 0 -> shares before: 0, .5, .8, .9, .95, 1.
+  counts = np.array([50, 0, 30, 10, 5, 5])
+  np.testing.assert_array_equal(buckets.frequency_buckets(counts), [H, L, H, M, M, L])
+  # The id that crosses the high line belongs to high; ties are ranked by id (id4 before id5).
+  np.testing.assert_array_equal(buckets.frequency_buckets(counts, 0.81, 0.05), [H, L, H, H, M, L])
+  np.testing.assert_array_equal(buckets.frequency_buckets(counts, 0.8, 0.1), [H, L, H, M, L, L])
+  with pytest.raises(EvalError, match="--bucket_low"):
+    buckets.frequency_buckets(counts, 0.8, 0.3)
+
+
+def test_scoring_by_hand():
+  # acc takes the larger log-likelihood, acc_norm divides by the choice's characters.
+  assert scoring.multiple_choice([-5.0, -6.0], ["a", "bbbbb"], gold=1) == {"acc": 0.0, "acc_norm": 1.0}
+  assert scoring.multiple_choice([-5.0, -6.0], ["a", "bbbbb"], gold=0) == {"acc": 1.0, "acc_norm": 0.0}
+  assert scoring.exact_match("  william shakespeare.", ["Shakespeare", "William Shakespeare"]) == 1.0
+  assert scoring.exact_match("the Bard", ["Shakespeare"]) == 0.0
+  assert scoring.truncate_at_stop(" Paris, France\nQ", ["\n", ".", ","]) == " Paris"
+  mean, se = scoring.mean_stderr([1, 0, 1, 1])
+  assert mean == 0.75 and se == pytest.approx(math.sqrt(0.25 / 4))  # sample var 0.25, n 4
+  # Pooled standard error of two sub-tasks: sizes 4 and 2, stderrs 0.25 and 0.5.
+  mean, se = scoring.pooled_mean_stderr([0.75, 0.5], [0.25, 0.5], [4, 2])
+  assert mean == pytest.approx(4 / 6) and se == pytest.approx(math.sqrt((3 * 0.0625 * 4 + 1 * 0.25 * 2) / 4 / 6))
+
+
+HELLASWAG = [
+    {"activity_label": "Baking", "ctx_a": "A man mixes flour.", "ctx_b": "he", "label": "1",
+     "endings": ["eats it [title] raw.", "bakes bread."]},
+    {"activity_label": "Running", "ctx_a": "People run.", "ctx_b": "they", "label": "0",
+     "endings": ["stop.", "fly  away."]},
+]
+CASES = {
+    "hellaswag": (HELLASWAG, [
+        ("Baking: A man mixes flour. He", [" eats it. raw.", " bakes bread."], 1),
+        ("Running: People run. They", [" stop.", " fly away."], 0)]),
+    "piqa": ([{"goal": "Open a jar", "sol1": "Twist", "sol2": "Eat", "label": 0},
+              {"goal": "Dry hair", "sol1": "Water", "sol2": "Towel", "label": 1}], [
+        ("Question: Open a jar\nAnswer:", [" Twist", " Eat"], 0),
+        ("Question: Dry hair\nAnswer:", [" Water", " Towel"], 1)]),
+    "arc_easy": ([{"question": "Sky colour?", "choices": {"text": ["red", "blue"], "label": ["A", "B"]},
+                   "answerKey": "B"},
+                  {"question": "2+2?", "choices": {"text": ["4", "5", "6"], "label": ["1", "2", "3"]},
+                   "answerKey": "1"}], [
+        ("Question: Sky colour?\nAnswer:", [" red", " blue"], 1),
+        ("Question: 2+2?\nAnswer:", [" 4", " 5", " 6"], 0)]),
+    "openbookqa": ([{"question_stem": "Plants need", "choices": {"text": ["sun", "salt"], "label": ["A", "B"]},
+                     "answerKey": " A"},
+                    {"question_stem": "Ice is", "choices": {"text": ["hot", "cold"], "label": ["A", "B"]},
+                     "answerKey": "B"}], [
+        ("Plants need", [" sun", " salt"], 0), ("Ice is", [" hot", " cold"], 1)]),
+    "siqa": ([{"context": "Ann fell.", "question": "How is Ann?", "answerA": "hurt", "answerB": "glad",
+               "answerC": "rich", "label": "1"},
+              {"context": "Bo won.", "question": "Why?", "answerA": "luck", "answerB": "skill",
+               "answerC": "rain", "label": "2"}], [
+        ("Q: Ann fell. How is Ann?\nA:", [" hurt", " glad", " rich"], 0),
+        ("Q: Bo won. Why?\nA:", [" luck", " skill", " rain"], 1)]),
+    "boolq": ([{"passage": "Cats purr.", "question": "do cats purr", "label": 1},
+               {"passage": "Fish swim.", "question": "do fish fly", "label": 0}], [
+        ("Cats purr.\nQuestion: do cats purr?\nAnswer:", [" no", " yes"], 1),
+        ("Fish swim.\nQuestion: do fish fly?\nAnswer:", [" no", " yes"], 0)]),
+    "mmlu": ([{"question": " What is 1+1? ", "subject": "elementary_mathematics", "choices": ["1", "2", "3", "4"],
+               "answer": 1},
+              {"question": "Sky?", "subject": "astronomy", "choices": ["blue", "red", "x", "y"], "answer": 0}], [
+        ("The following are multiple choice questions (with answers) about elementary mathematics.\n\n"
+         "What is 1+1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer:", [" A", " B", " C", " D"], 1),
+        ("The following are multiple choice questions (with answers) about astronomy.\n\n"
+         "Sky?\nA. blue\nB. red\nC. x\nD. y\nAnswer:", [" A", " B", " C", " D"], 0)]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_zero_shot_prompts(name):
+  task = tasks_lib.TASKS[name]
+  docs, expected = CASES[name]
+  examples = tasks_lib.build_examples(task, [task.process_doc(d) for d in docs], [], 0)
+  for example, (context, continuations, gold) in zip(examples, expected):
+    assert example.requests == [(context, c) for c in continuations]
+    assert example.gold == gold
+
+
+def test_winogrande_scores_the_text_after_the_blank():
+  task = tasks_lib.TASKS["winogrande"]
+  docs = [{"sentence": "The cup fell because _ was wobbly.", "option1": "the cup", "option2": "the table",
+           "answer": "2"},
+          {"sentence": "Sam thanked Kim since _ helped.", "option1": "Sam", "option2": "Kim", "answer": "2"}]
+  one, two = tasks_lib.build_examples(task, docs, [], 0)
+  assert one.requests == [("The cup fell because the cup", " was wobbly."),
+                          ("The cup fell because the table", " was wobbly.")] and one.gold == 1
+  assert two.requests == [("Sam thanked Kim since Sam", " helped."), ("Sam thanked Kim since Kim", " helped.")]
+  # A WinoGrande shot is the sentence with the right option filled in; Random(1234) draws
+  # 2 of the pool of 2 as [1, 0] and the first one is kept.
+  assert random.Random(1234).sample(range(2), 2) == [1, 0]
+  (shot,) = tasks_lib.build_examples(task, docs[:1], [docs[0], docs[1]], 1)
+  assert shot.requests[0][0] == "Sam thanked Kim since Kim helped.\n\nThe cup fell because the cup"
+
+
+def test_triviaqa_prompt_and_few_shot_answer_is_the_first_alias():
+  task = tasks_lib.TASKS["triviaqa"]
+  # No test split: the harness draws 2 for 1 shot, [1, 0] under Random(1234), and keeps pool[1].
+  pool = [{"question": "Capital of Peru", "answer": {"aliases": ["Lima"]}},
+          {"question": "Capital of France", "answer": {"aliases": ["Paris", "Paree"]}}]
+  docs = [{"question": "Who wrote Hamlet", "answer": {"aliases": ["Shakespeare"]}}]
+  (example,) = tasks_lib.build_examples(task, docs, pool, 1)
+  assert example.prompt == "Question: Capital of France?\nAnswer: Paris\n\nQuestion: Who wrote Hamlet?\nAnswer:"
+  assert example.gold == ["Shakespeare"] and task.until == ("\n", ".", ",")
+
+
+def test_few_shot_examples_follow_the_harness_seed_and_are_deterministic():
+  task = tasks_lib.TASKS["piqa"]
+  pool = [{"goal": f"g{i}", "sol1": f"a{i}", "sol2": f"b{i}", "label": i % 2} for i in range(10)]
+  docs = [{"goal": "x", "sol1": "p", "sol2": "q", "label": 0}, {"goal": "y", "sol1": "r", "sol2": "s", "label": 1}]
+  first = tasks_lib.build_examples(task, docs, pool, 2)
+  assert [e.requests for e in first] == [e.requests for e in tasks_lib.build_examples(task, docs, pool, 2)]
+  # One Random(1234) for the task, used document after document; PIQA has no test split,
+  # so the harness draws k + 1 and drops the scored document (absent here): the first k.
+  rnd = random.Random(1234)
+  for example in first:
+    shots = rnd.sample(pool, 3)[:2]
+    text = "".join(f"Question: {s['goal']}\nAnswer: {[s['sol1'], s['sol2']][s['label']]}\n\n" for s in shots)
+    assert example.requests[0][0] == text + f"Question: {example.doc['goal']}\nAnswer:"
+
+
+def test_tasks_with_a_test_split_draw_exactly_k_examples():
+  task = tasks_lib.TASKS["arc_easy"]
+  pool = [{"question": f"q{i}", "choices": {"text": ["x", "y"], "label": ["A", "B"]}, "answerKey": "A"}
+          for i in range(8)]
+  (example,) = tasks_lib.build_examples(task, pool[:1], pool, 2)
+  i, j = random.Random(1234).sample(range(8), 2)
+  assert example.requests[0][0] == f"Question: q{i}\nAnswer: x\n\nQuestion: q{j}\nAnswer: x\n\nQuestion: q0\nAnswer:"
+
+
+def test_mmlu_takes_the_first_dev_examples_of_its_subject():
+  task = tasks_lib.TASKS["mmlu"]
+  dev = [{"question": f"q{i}", "subject": s, "choices": ["a", "b", "c", "d"], "answer": i % 4}
+         for s in ("astronomy", "virology") for i in range(3)]
+  test = [{"question": "Q?", "subject": "virology", "choices": ["w", "x", "y", "z"], "answer": 2}]
+  ((name, docs, pool),) = tasks_lib.split_subtasks(task, test, dev)
+  (example,) = tasks_lib.build_examples(task, docs, pool, 2)
+  assert name == "mmlu_virology"
+  assert example.requests[0][0] == (
+      "The following are multiple choice questions (with answers) about virology.\n\n"
+      "q0\nA. a\nB. b\nC. c\nD. d\nAnswer: A\n\nq1\nA. a\nB. b\nC. c\nD. d\nAnswer: B\n\n"
+      "Q?\nA. w\nB. x\nC. y\nD. z\nAnswer:")
+
+
+class _LengthLM:
+  """Log-likelihood = -(characters of " " + choice): acc picks the shortest choice;
+  acc_norm divides by the choice's n characters, -(n + 1) / n, and picks the longest."""
+
+  def loglikelihood(self, requests, desc=""):
+    return [(-float(len(c)), False) for _, c in requests]
+
+
+def test_acc_and_acc_norm_on_a_tiny_task(tmp_path):
+  rows = [{"goal": "g1", "sol1": "short", "sol2": "much longer", "label": 0},   # acc 1, acc_norm 0
+          {"goal": "g2", "sol1": "a long answer", "sol2": "tiny", "label": 1},  # acc 1, acc_norm 0
+          {"goal": "g3", "sol1": "xx", "sol2": "y", "label": 0}]                 # acc 0, acc_norm 1
+  (tmp_path / "piqa").mkdir()
+  (tmp_path / "piqa" / "validation.jsonl").write_text("\n".join(map(__import__("json").dumps, rows)))
+  opts = runner.EvalOptions(workdir="", tasks="piqa", task_data_dir=str(tmp_path))
+  entry = runner.score_task(_LengthLM(), tasks_lib.TASKS["piqa"], opts)
+  assert entry["num_examples"] == 3
+  assert entry["metrics"]["acc"]["value"] == pytest.approx(2 / 3)
+  assert entry["metrics"]["acc_norm"]["value"] == pytest.approx(1 / 3)
+  assert entry["metrics"]["acc"]["stderr"] == pytest.approx(math.sqrt(1 / 3) / math.sqrt(3))
+
+
+def test_bad_task_name_and_missing_task_file_give_one_clear_message(tmp_path):
+  with pytest.raises(EvalError, match=r"--tasks: unknown task 'hellaswagg'; known tasks: ppl, buckets, hellaswag"):
+    runner.evaluate(runner.EvalOptions(workdir=str(tmp_path), tasks="ppl,hellaswagg"))
+  with pytest.raises(EvalError, match=r"task 'boolq': no file .*boolq/validation.jsonl"):
+    runner.evaluate(runner.EvalOptions(workdir=str(tmp_path), tasks="boolq", task_data_dir=str(tmp_path)))
+
+
+def test_compare_shows_differences_with_combined_stderr():
+  def run(name, acc, se):
+    return {"workdir": f"/runs/{name}", "step": 10, "config_hash": "x", "tasks": {
+        "piqa": {"num_examples": 100, "metrics": {"acc": {"value": acc, "stderr": se}}}}}
+  table = report.compare([run("ce", 0.60, 0.03), run("mile", 0.64, 0.04)])
+  assert "| piqa | acc | 0.6000 ± 0.0300 | 0.6400 ± 0.0400 | +0.0400 ± 0.0500 |" in table

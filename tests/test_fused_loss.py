@@ -1,0 +1,183 @@
+"""The chunked loss against a float64 NumPy reference and against the naive
+path: values and gradients w.r.t. hidden states and unembedding, odd sizes,
+masks, bfloat16, large logits and an 8-device mesh."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mile_jax import config_lib
+from mile_jax import fused_loss
+from mile_jax import losses
+from mile_jax import sharding
+from mile_jax import train_lib
+
+NAMES = ["cross_entropy", "focal", "mile"]
+SUM_KEYS = ["loss_numerator", "loss_denominator", "ce_sum", "entropy_sum", "weight_max", "tokens"]
+
+
+def ref_sums_and_grads(name, hidden, kernel, targets, mask, gamma, sigma):
+  """float64 sums and the gradients of sum(w * ce * mask) w.r.t. hidden and kernel."""
+  h = np.asarray(hidden, np.float64).reshape(-1, hidden.shape[-1])
+  w_out = np.asarray(kernel, np.float64)
+  y, m = targets.reshape(-1), np.asarray(mask, np.float64).reshape(-1)
+  z = h @ w_out
+  zmax = z.max(-1, keepdims=True)
+  logp = z - (zmax + np.log(np.exp(z - zmax).sum(-1, keepdims=True)))
+  p = np.exp(logp)
+  ce = -logp[np.arange(len(y)), y]
+  entropy = -(p * logp).sum(-1)
+  weight = {"cross_entropy": np.ones_like(ce), "focal": (1.0 - np.exp(-ce)) ** gamma,
+            "mile": (sigma + entropy) ** gamma}[name]
+  sums = {"loss_numerator": (weight * ce * m).sum(), "loss_denominator": (weight * m).sum(),
+          "ce_sum": (ce * m).sum(), "entropy_sum": (entropy * m).sum(),
+          "weight_max": weight[m > 0].max(), "tokens": m.sum()}
+  dz = (weight * m)[:, None] * (p - np.eye(z.shape[1])[y])
+  return sums, (dz @ w_out.T).reshape(hidden.shape), h.T @ dz
+
+
+def make_inputs(seed, lead, d, vocab, scale=1.0, pad_fraction=0.3):
+  rng = np.random.default_rng(seed)
+  hidden = rng.standard_normal(lead + (d,)).astype(np.float32)
+  kernel = (rng.standard_normal((d, vocab)) * scale / np.sqrt(d)).astype(np.float32)
+  targets = rng.integers(0, vocab, lead)
+  mask = (rng.random(lead) > pad_fraction).astype(np.float32)
+  mask.flat[0] = 1.0
+  return hidden, kernel, targets, mask
+
+
+@functools.lru_cache(maxsize=None)
+def chunked_fn(name, gamma, sigma, block_size, vocab_block_size, dtype=None):
+  """jit(value and grad of the numerator w.r.t. (hidden, kernel)), cached per setting."""
+  def numerator(hidden, kernel, targets, mask):
+    sums = fused_loss.chunked_loss_sums(name, hidden, kernel, targets, mask, gamma=gamma, sigma=sigma,
+                                        block_size=block_size, vocab_block_size=vocab_block_size, dtype=dtype)
+    return sums["loss_numerator"], sums
+  return jax.jit(jax.grad(numerator, argnums=(0, 1), has_aux=True))
+
+
+def check_against_reference(name, inputs, gamma=1.0, sigma=1.0, block_size=16, vocab_block_size=0, dtype=None,
+                            ref_inputs=None, rtol=2e-5, grad_rtol=2e-4, check_grads=True):
+  hidden, kernel, targets, mask = inputs
+  (d_hidden, d_kernel), sums = chunked_fn(name, gamma, sigma, block_size, vocab_block_size, dtype)(
+      hidden, kernel, targets, mask)
+  rh, rk = ref_inputs if ref_inputs is not None else (hidden, kernel)
+  ref, ref_dh, ref_dk = ref_sums_and_grads(name, np.asarray(rh, np.float32), rk, targets, mask, gamma, sigma)
+  for key in SUM_KEYS:
+    np.testing.assert_allclose(float(sums[key]), ref[key], rtol=rtol, err_msg=key)
+  assert d_hidden.dtype == hidden.dtype and d_hidden.shape == hidden.shape
+  assert d_kernel.dtype == jnp.float32 and d_kernel.shape == kernel.shape
+  if not check_grads:
+    return
+  for got, want in ((d_hidden, ref_dh), (d_kernel, ref_dk)):
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=grad_rtol,
+                               atol=grad_rtol * np.abs(want).max())
+
+
+# (token shape, d, vocab, block_size, vocab_block_size): blocks that do not
+# divide the tokens or the vocabulary, one block, and a block per token.
+CASES = [((3, 37), 16, 101, 16, 0), ((3, 37), 16, 101, 16, 24), ((64,), 8, 512, 1024, 100),
+         ((5, 7), 8, 33, 1, 7)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[2]}_b{c[3]}_vb{c[4]}")
+def test_matches_float64_reference(name, case):
+  lead, d, vocab, block, vocab_block = case
+  inputs = make_inputs(0, lead, d, vocab, scale=4.0)
+  check_against_reference(name, inputs, gamma=1.5, sigma=0.5, block_size=block, vocab_block_size=vocab_block)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bfloat16_hidden_states(name):
+  hidden, kernel, targets, mask = make_inputs(1, (4, 24), 32, 200, scale=4.0)
+  hidden = jnp.asarray(hidden, jnp.bfloat16)
+  # The matmuls see bfloat16 inputs: the reference uses the same rounded values.
+  rounded = (np.asarray(hidden, np.float32), np.asarray(jnp.asarray(kernel, jnp.bfloat16), np.float32))
+  check_against_reference(name, (hidden, kernel, targets, mask), block_size=32, vocab_block_size=64,
+                          dtype=jnp.bfloat16, ref_inputs=rounded, rtol=1e-4, grad_rtol=2e-2)
+
+
+def test_large_logits_keep_entropy_exact():
+  """Logits 16384 + k/8, exact in float32: the entropy taken relative to the
+  running maximum stays exact, where m + log s - t/s would lose ~1e-3 nats."""
+  rng = np.random.default_rng(2)
+  hidden = rng.integers(-3, 4, (40, 8)).astype(np.float32)
+  kernel = (rng.integers(-4, 5, (8, 300)) / 8.0).astype(np.float32)
+  hidden[:, 0], kernel[0, :] = 128.0, 128.0
+  targets, mask = rng.integers(0, 300, 40), np.ones(40, np.float32)
+  # Cross-entropy = lse - z[y] cancels 1e4 on any path: float32 tolerance there.
+  check_against_reference("mile", (hidden, kernel, targets, mask), block_size=8, vocab_block_size=64,
+                          rtol=1e-4, check_grads=False)
+  _, sums = chunked_fn("mile", 1.0, 1.0, 8, 64)(hidden, kernel, targets, mask)
+  ref, _, _ = ref_sums_and_grads("mile", hidden, kernel, targets, mask, 1.0, 1.0)
+  np.testing.assert_allclose(float(sums["entropy_sum"]), ref["entropy_sum"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_equals_naive_path(name):
+  hidden, kernel, targets, mask = make_inputs(3, (6, 20), 16, 130, scale=4.0)
+
+  def naive(h, w):
+    sums = losses.loss_sums(name, h @ w, targets, mask, gamma=2.0, sigma=1.0)
+    return sums["loss_numerator"], sums
+
+  want_grads, want = jax.grad(naive, argnums=(0, 1), has_aux=True)(hidden, kernel)
+  got_grads, got = chunked_fn(name, 2.0, 1.0, 32, 48)(hidden, kernel, targets, mask)
+  for key in SUM_KEYS:
+    np.testing.assert_allclose(float(got[key]), float(want[key]), rtol=1e-5, err_msg=key)
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))))
+
+
+def test_sharded_inputs_on_eight_devices():
+  """Tokens over (data, fsdp), vocabulary over tensor: same values and gradients as one device."""
+  mesh = sharding.make_mesh((2, 2, 2))
+  hidden, kernel, targets, mask = make_inputs(4, (8, 24), 16, 200, scale=4.0)
+  fn = chunked_fn("mile", 1.0, 1.0, 32, 40)
+  want_grads, want = fn(hidden, kernel, targets, mask)
+  tokens = NamedSharding(mesh, P(("data", "fsdp")))
+  placed = (jax.device_put(hidden, tokens), jax.device_put(kernel, NamedSharding(mesh, P(None, "tensor"))),
+            jax.device_put(targets, tokens), jax.device_put(mask, tokens))
+  with jax.set_mesh(mesh):
+    got_grads, got = fn(*placed)
+  for key in SUM_KEYS:
+    np.testing.assert_allclose(float(got[key]), float(want[key]), rtol=1e-5, err_msg=key)
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(w))))
+
+
+def one_step(config):
+  trainer = train_lib.Trainer(config, "/tmp/unused-workdir")
+  state = train_lib.init_state(trainer.model, trainer.tx, trainer.mesh, trainer.rules,
+                               config.data.seq_len, config.seed)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, config.model.vocab_size, (8, 33)).astype(np.int32)
+  mask = (rng.random((8, 32)) > 0.2).astype(np.float32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask}
+  state, metrics = trainer.train_step(state, sharding.make_global_batch(batch, trainer.mesh))
+  return state, train_lib.host_metrics(metrics)
+
+
+@pytest.mark.slow
+def test_train_step_chunked_equals_naive(tiny_config):
+  """A whole step on a (2,2,2) mesh with two micro-batches (the normaliser spans both)."""
+  overrides = {"mesh.shape": (2, 2, 2), "train.microbatches": 2, "loss.block_size": 48,
+               "loss.vocab_block_size": 200}
+  naive_state, naive = one_step(tiny_config(**overrides))
+  chunked_state, chunked = one_step(tiny_config(**overrides, **{"loss.impl": "chunked"}))
+  for key in ("loss", "ce", "entropy", "weight_mean", "weight_max", "tokens", "grad_norm"):
+    np.testing.assert_allclose(chunked[key], naive[key], rtol=2e-5, err_msg=key)
+  for a, b in zip(jax.tree.leaves(chunked_state.params), jax.tree.leaves(naive_state.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("setting,value", [("loss.impl", "fused"), ("loss.block_size", 0),
+                                           ("loss.vocab_block_size", -1)])
+def test_bad_loss_settings_are_named(tiny_config, setting, value):
+  with pytest.raises(config_lib.ConfigError, match=setting.replace(".", r"\.")):
+    config_lib.validate(tiny_config(**{setting: value}))
