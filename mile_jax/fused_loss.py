@@ -11,15 +11,9 @@ keeps per token only what the loss needs:
   sum s = sum_i exp(z_i - m) (online logsumexp);
 * the entropy H = log s - u / s with u = sum_i exp(z_i - m) (z_i - m). This is
   m + log s - t / s with t = sum_i exp(z_i - m) z_i rewritten relative to the
-  running maximum, so that large logits do not cancel (as in
-  `losses.token_entropy`);
+  running maximum (as `losses.token_entropy` shifts by the maximum), which
+  keeps the entropy exact when the logits themselves are large;
 * the target's logit.
-
-Cross-entropy, entropy and the weights are then per-token vectors [N], and the
-weighting and reduction are `losses.reduce_token_losses`, shared with the
-naive path. The global normalisation needs no second pass: the weights are
-functions of per-token scalars only, and the caller divides by the global
-`loss_denominator` as for the naive loss.
 
 The gradient comes from a `jax.custom_vjp` on (hidden, kernel) ->
 loss_numerator = sum_t mask_t w_t ce_t. The weights are stop-gradient and

@@ -203,6 +203,18 @@ def wait_for_step(proc, workdir, step, timeout=120):
   raise TimeoutError(f"step {step} not reached")
 
 
+def wait_for_checkpoint_after(proc, checkpoints, step, timeout=120):
+  """Waits until a finished checkpoint newer than `step` exists (Orbax renames a
+  step's folder to its number only once the save is complete)."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    if any(name.isdigit() and int(name) > step for name in os.listdir(checkpoints)):
+      return
+    time.sleep(0.05)
+  raise TimeoutError(f"no checkpoint after step {step}")
+
+
 @pytest.mark.slow
 def test_sigterm_then_kill9_then_resume_equals_uninterrupted(tmp_path):
   """Per-step losses of a run stopped by SIGTERM, then killed with SIGKILL at a
@@ -227,9 +239,10 @@ def test_sigterm_then_kill9_then_resume_equals_uninterrupted(tmp_path):
   assert str(stopped_at) in os.listdir(checkpoints)
 
   # SIGKILL at a random step after the first checkpoint of the resumed run.
-  kill_at = random.Random().randint(stopped_at + 5, STEPS - 1)
+  kill_at = random.Random().randint(min(stopped_at + 3, STEPS - 8), STEPS - 8)
   proc = start_train_py(workdir)
   wait_for_step(proc, workdir, kill_at)
+  wait_for_checkpoint_after(proc, checkpoints, stopped_at)
   proc.kill()
   output = proc.communicate(timeout=60)[0]
   killed_at = logged_losses(workdir)[-1][0]
