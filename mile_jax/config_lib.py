@@ -121,6 +121,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 takes the remaining devices.
   c.mesh.rules = DEFAULT_RULES  # Logical axis -> mesh axes.
+  c.mesh.num_devices = 0  # Use only the first N devices of a single process; 0 = all devices.
 
   # Multi-process runs (see mile_jax/distributed.py). Left unset, a run on a
   # TPU VM or under SLURM finds these itself, and anywhere else runs alone.
@@ -217,6 +218,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for flag in ("train.skip_nonfinite", "checkpoint.async_save"):
     if not isinstance(_get(config, flag), bool):
       _fail(flag, f"must be True or False, got {_get(config, flag)!r}")
+  num_devices = config.mesh.num_devices
+  if not isinstance(num_devices, numbers.Integral) or isinstance(num_devices, bool) or num_devices < 0:
+    _fail("mesh.num_devices", f"must be an integer >= 0 (0 = all devices), got {num_devices!r}")
   if len(tuple(config.mesh.shape)) != 3:
     _fail("mesh.shape", f"must have 3 entries (data, fsdp, tensor), got {tuple(config.mesh.shape)}")
 

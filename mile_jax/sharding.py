@@ -37,6 +37,18 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
   return shape
 
 
+def select_devices(num_devices: int = 0) -> list[Any]:
+  """All devices, or the first `num_devices` of them (`config.mesh.num_devices`)."""
+  devices = jax.devices()
+  if not num_devices:
+    return devices
+  if jax.process_count() > 1:
+    raise ValueError("mesh.num_devices must be 0 when training spans several processes")
+  if num_devices > len(devices):
+    raise ValueError(f"mesh.num_devices={num_devices} but only {len(devices)} devices are available")
+  return devices[:num_devices]
+
+
 def make_mesh(shape: Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
   """A (data, fsdp, tensor) mesh over `devices` (default: all devices)."""
   devices = list(jax.devices() if devices is None else devices)

@@ -173,7 +173,7 @@ class Trainer:
     self.workdir = os.path.abspath(workdir)
     self.echo = echo or tqdm.tqdm.write
     try:
-      self.mesh = sharding.make_mesh(config.mesh.shape, devices)
+      self.mesh = sharding.make_mesh(config.mesh.shape, devices or sharding.select_devices(config.mesh.num_devices))
     except ValueError as e:
       raise config_lib.ConfigError(str(e)) from None
     dp = sharding.data_parallel_size(self.mesh)

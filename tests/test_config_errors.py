@@ -40,12 +40,16 @@ def test_invalid_settings_are_named(tiny_config, tmp_path, case):
 def test_batch_not_divisible_by_data_parallel_size(tiny_config, tmp_path):
   with pytest.raises(config_lib.ConfigError, match=r"^data.global_batch_size: 12 is not divisible by the "
                      r"data-parallel size 8 \(mesh data x fsdp\)"):
-    train_lib.Trainer(tiny_config(**{"data.global_batch_size": 12}), str(tmp_path))
+    train_lib.Trainer(tiny_config(**{"data.global_batch_size": 12, "mesh.num_devices": 0}), str(tmp_path))
 
 
 def test_mesh_shape_not_matching_the_devices(tiny_config, tmp_path):
   with pytest.raises(config_lib.ConfigError, match=r"mesh.shape \(3, 1, 1\) needs 3 devices but 8 are available"):
-    train_lib.Trainer(tiny_config(**{"mesh.shape": (3, 1, 1)}), str(tmp_path))
+    train_lib.Trainer(tiny_config(**{"mesh.shape": (3, 1, 1), "mesh.num_devices": 0}), str(tmp_path))
+  with pytest.raises(config_lib.ConfigError, match=r"mesh.num_devices=9 but only 8 devices"):
+    train_lib.Trainer(tiny_config(**{"mesh.num_devices": 9}), str(tmp_path))
+  with pytest.raises(config_lib.ConfigError, match=r"mesh.num_devices: must be an integer >= 0"):
+    train_lib.Trainer(tiny_config(**{"mesh.num_devices": -1}), str(tmp_path))
 
 
 def test_workdir_not_writable(tiny_config, tmp_path):

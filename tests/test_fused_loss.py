@@ -166,7 +166,7 @@ def one_step(config):
 @pytest.mark.slow
 def test_train_step_chunked_equals_naive(tiny_config):
   """A whole step on a (2,2,2) mesh with two micro-batches (the normaliser spans both)."""
-  overrides = {"mesh.shape": (2, 2, 2), "train.microbatches": 2, "loss.block_size": 48,
+  overrides = {"mesh.shape": (2, 2, 2), "mesh.num_devices": 0, "train.microbatches": 2, "loss.block_size": 48,
                "loss.vocab_block_size": 200}
   naive_state, naive = one_step(tiny_config(**overrides))
   chunked_state, chunked = one_step(tiny_config(**overrides, **{"loss.impl": "chunked"}))

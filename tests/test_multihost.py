@@ -77,7 +77,7 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(tiny_confi
   """train.py in 2 processes x 2 CPU devices (gloo, coordinator on 127.0.0.1), FSDP over all 4
   devices so every parameter is split across the processes, against one process with 4 devices."""
   config = tiny_config(**{"train.steps": 6, "train.log_every": 1, "checkpoint.every_steps": 3,
-                          "mesh.shape": (1, 4, 1)})
+                          "mesh.shape": (1, 4, 1), "mesh.num_devices": 0})
   reference_dir = str(tmp_path / "one_process")
   # Also fills the data cache ($MILE_JAX_CACHE) that the two processes then read.
   reference = train_lib.Trainer(config, reference_dir, devices=jax.devices()[:4]).run()
@@ -113,7 +113,7 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(tiny_confi
   assert one[-1][1] < one[0][1] - 0.1  # Training moved the parameters.
 
   # The 2-process checkpoint restores in this single process onto another mesh.
-  restorer = train_lib.Trainer(tiny_config(**{"mesh.shape": (2, 4, 1)}), str(tmp_path / "restore"))
+  restorer = train_lib.Trainer(tiny_config(**{"mesh.shape": (2, 4, 1), "mesh.num_devices": 0}), str(tmp_path / "restore"))
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=3, max_to_keep=3)
   assert checkpointer.all_steps() == [3, 6]
   target = checkpoint_lib.abstract_with_shardings(restorer.abstract_state, restorer.state_shardings)

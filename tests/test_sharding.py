@@ -43,7 +43,7 @@ def test_mesh_gives_same_loss_and_params(shape, single_device_run, tiny_config):
 
 
 def test_parameters_are_sharded_as_the_rules_say(tiny_config):
-  config = tiny_config(**{"mesh.shape": (2, 2, 2)})
+  config = tiny_config(**{"mesh.shape": (2, 2, 2), "mesh.num_devices": 0})
   trainer = train_lib.Trainer(config, "/tmp/unused-workdir")
   state = train_lib.init_state(trainer.model, trainer.tx, trainer.mesh, trainer.rules, 32, 0)
   gate = state.params["layer_0"]["mlp"]["gate"]["kernel"]  # (embed, mlp) -> (fsdp, tensor)
