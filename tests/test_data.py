@@ -10,7 +10,6 @@ import sentencepiece as spm
 from mile_jax import config_lib
 from mile_jax.config_lib import ConfigError
 from mile_jax.data import builtin, pipeline
-from mile_jax.data.packing import PackedDataset
 from mile_jax.data.pipeline import Prefetcher, make_data
 from mile_jax.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 

@@ -3,7 +3,6 @@
 import gzip
 import hashlib
 import json
-import logging
 import os
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 from mile_jax import config_lib
 from mile_jax.config_lib import ConfigError
 from mile_jax.data import corpus as corpus_lib
-from mile_jax.data import builtin, pipeline, text_files, tfds_sources, token_store
+from mile_jax.data import builtin, pipeline, tfds_sources
 
 VOCAB = 512
 

@@ -7,7 +7,6 @@ import sys
 import jax
 import pytest
 
-from mile_jax import config_lib
 from mile_jax import plan as plan_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
