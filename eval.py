@@ -3,7 +3,8 @@
 Tasks: ppl (validation perplexity), buckets (perplexity per token-frequency
 bucket), and the benchmarks hellaswag, piqa, winogrande, arc_easy,
 arc_challenge, openbookqa, siqa, boolq, mmlu, triviaqa, scored as
-lm-evaluation-harness 0.4 scores them (task files from --task_data_dir).
+lm-evaluation-harness 0.4 scores them (task documents from --task_data_dir
+files or, with --task_source=tfds or auto, from the TFDS catalog).
 `python eval.py --compare DIR_A DIR_B ...` prints saved results side by side.
 """
 
@@ -23,6 +24,11 @@ _TASKS = flags.DEFINE_string("tasks", "ppl", "Comma-separated tasks: ppl, bucket
 _NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", None, "Few-shot examples per prompt; default 0 (MMLU 5).")
 _LIMIT = flags.DEFINE_integer("limit", 0, "Score only the first N documents of each task (sub-task); 0 = all.")
 _TASK_DATA_DIR = flags.DEFINE_string("task_data_dir", "", "Directory of <task>/<split>.jsonl task files.")
+_TASK_SOURCE = flags.DEFINE_enum("task_source", "local", ["local", "tfds", "auto"],
+                                 "Benchmark documents from local files, the TFDS catalog, or auto: local files "
+                                 "where present, else TFDS.")
+_TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", "", "TFDS data directory (local or gs://) of prepared "
+                                     "benchmark datasets; default TFDS's.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Rows per forward pass.")
 _PPL_BATCHES = flags.DEFINE_integer("ppl_batches", 0, "ppl/buckets: batches to score; 0 = the whole validation split.")
 _PPL_SOURCE = flags.DEFINE_string("ppl_source", "", "ppl/buckets: a data.source to score instead of the run's.")
@@ -48,7 +54,8 @@ def main(argv):
       raise EvalError("--workdir: required (a training workdir with checkpoints)")
     opts = runner.EvalOptions(
         workdir=_WORKDIR.value, step=_STEP.value, tasks=_TASKS.value, num_fewshot=_NUM_FEWSHOT.value,
-        limit=_LIMIT.value, task_data_dir=_TASK_DATA_DIR.value, batch_size=_BATCH_SIZE.value,
+        limit=_LIMIT.value, task_data_dir=_TASK_DATA_DIR.value,
+        task_source=_TASK_SOURCE.value, tfds_data_dir=_TFDS_DATA_DIR.value, batch_size=_BATCH_SIZE.value,
         ppl_batches=_PPL_BATCHES.value, ppl_source=_PPL_SOURCE.value, bucket_high=_BUCKET_HIGH.value,
         bucket_low=_BUCKET_LOW.value, max_gen_toks=_MAX_GEN_TOKS.value,
         mesh_shape=tuple(int(s) for s in _MESH_SHAPE.value), output=_OUTPUT.value)

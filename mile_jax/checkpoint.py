@@ -17,7 +17,6 @@ A step that is listed but cannot be read is moved aside to
 import base64
 import hashlib
 import logging
-import os
 from typing import Any
 
 import jax
@@ -25,6 +24,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from mile_jax import config_lib
+from mile_jax import workdir as workdir_lib
 
 UNREADABLE_SUFFIX = ".unreadable"
 
@@ -41,7 +41,7 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, *, every_steps: int, max_to_keep: int, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = workdir_lib.resolve(directory)
     self.every_steps = every_steps
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
@@ -56,7 +56,7 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def step_path(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return workdir_lib.join(self.directory, str(step))
 
   def should_save(self, step: int, final: bool = False) -> bool:
     return final or step % self.every_steps == 0
@@ -80,6 +80,36 @@ class Checkpointer:
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     logging.info("Restored checkpoint %s", self.step_path(step))
     return restored["state"]
+
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    """Restores only the state's `params` subtree at `step`, with the shardings
+    of `abstract_params`'s leaves (ShapeDtypeStructs, see `abstract_with_shardings`).
+
+    The optimizer state is never read (an Orbax partial restore of the `state`
+    item), so memory peaks at the parameters' size, not three times it as for
+    AdamW's full state.
+
+    Raises:
+      ConfigError: naming the first parameter whose name or shape differs from
+        `abstract_params`, before reading any array (a partial restore would
+        silently leave a parameter the checkpoint lacks unrestored).
+      CheckpointError: the state's metadata lists no parameters.
+    """
+    saved = {k: v for k, v in self.state_shapes(step).items() if k.startswith("params/")}
+    if not saved:
+      raise CheckpointError(f"checkpoint {self.step_path(step)}: no parameters in the metadata of its state "
+                            f"({workdir_lib.join(self.step_path(step), 'state')})")
+    wanted = {f"params/{_path_name(path)}": tuple(leaf.shape)
+              for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params)}
+    if saved != wanted:
+      raise config_lib.ConfigError(f"checkpoint {self.step_path(step)} holds other parameters than this model "
+                                   f"({_first_difference(saved, wanted)})")
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
+    with ocp.PyTreeCheckpointer() as reader:
+      restored = reader.restore(workdir_lib.join(self.step_path(step), "state"), args=ocp.args.PyTreeRestore(
+          item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True))
+    logging.info("Restored the parameters of checkpoint %s", self.step_path(step))
+    return restored["params"]
 
   def restore_latest(self, abstract_state: Any, warn=logging.warning) -> tuple[int, Any] | None:
     """(step, state) of the newest readable checkpoint, or None if there is none.
@@ -114,9 +144,9 @@ class Checkpointer:
       for step in steps:
         target = self.step_path(step) + UNREADABLE_SUFFIX
         suffix = 1
-        while os.path.exists(target):
+        while workdir_lib.path(target).exists():
           target, suffix = f"{self.step_path(step)}{UNREADABLE_SUFFIX}{suffix}", suffix + 1
-        os.rename(self.step_path(step), target)
+        workdir_lib.path(self.step_path(step)).rename(target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("mile_jax_checkpoint_move_aside")
     self._manager.reload()
@@ -188,6 +218,16 @@ def config_differences(saved: dict, current: dict, sections: tuple[str, ...]) ->
       if theirs.get(key) != ours.get(key):
         out.append((f"{section}.{key}", theirs.get(key), ours.get(key)))
   return out
+
+
+def _first_difference(saved: dict[str, tuple], wanted: dict[str, tuple]) -> str:
+  """The first array (by name) that differs between two {name: shape} maps, in words."""
+  name = min(set(saved.items()) ^ set(wanted.items()))[0]
+  if name not in saved:
+    return f"{name} {wanted[name]} is not in the checkpoint"
+  if name not in wanted:
+    return f"{name} {saved[name]} is in the checkpoint but not in this model"
+  return f"{name} has shape {saved[name]} there, {wanted[name]} in this model"
 
 
 def _path_name(path) -> str:

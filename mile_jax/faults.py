@@ -2,6 +2,9 @@
 
 - `WorkdirLock`: `<workdir>/lock` names the process that uses the workdir; a
   second run refuses to start, a lock left by a dead process is taken over.
+  On an object store (gs://) the lock is written and read through epath,
+  without an atomic create: two runs started within the same second could
+  both take it.
 - `StopSignals`: SIGTERM and SIGINT become a request to stop after the
   current step (the loop then saves and returns). In a multi-process run the
   JAX preemption service owns SIGTERM, and every process asks
@@ -21,6 +24,8 @@ import time
 
 import jax
 from jax.experimental import multihost_utils
+
+from mile_jax import workdir as workdir_lib
 
 LOCK_NAME = "lock"
 
@@ -46,15 +51,18 @@ def _pid_alive(pid: int) -> bool:
 class WorkdirLock:
   """An exclusive claim on a workdir, held from `acquire()` to `release()`.
 
-  The lock file holds JSON {pid, host, since}. A lock is stale when its
-  holder is on this host and no longer alive, or, for a holder on another
-  host (a shared filesystem), when its heartbeat (the file's mtime, refreshed
-  every `heartbeat_s` by a daemon thread) is older than `stale_after_s`.
+  The lock file holds JSON {pid, host, since, beat}. A lock is stale when
+  its holder is on this host and no longer alive, or, for a holder on another
+  host (a shared filesystem), when its heartbeat (the file's mtime, or on an
+  object store its `beat` time, refreshed every `heartbeat_s` by a daemon
+  thread) is older than `stale_after_s`.
   """
 
   def __init__(self, workdir: str, *, heartbeat_s: float = 30.0, stale_after_s: float = 300.0,
                echo=print):
-    self.path = os.path.join(os.path.abspath(workdir), LOCK_NAME)
+    workdir = workdir_lib.resolve(workdir)
+    self.remote = workdir_lib.is_remote(workdir)
+    self.path = workdir_lib.join(workdir, LOCK_NAME)
     self.heartbeat_s = heartbeat_s
     self.stale_after_s = stale_after_s
     self._echo = echo
@@ -62,9 +70,19 @@ class WorkdirLock:
     self._thread = None
     self._held = False
 
+  def _info(self, since: float | None = None) -> dict:
+    now = time.time()
+    return {"pid": os.getpid(), "host": socket.gethostname(), "since": since or now, "beat": now}
+
   def _create(self) -> bool:
-    """Creates the lock file atomically; False if it already exists."""
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+    """Creates the lock file (atomically on a filesystem); False if it already exists."""
+    info = self._info()
+    if self.remote:
+      lock = workdir_lib.path(self.path)
+      if lock.exists():
+        return False
+      lock.write_text(json.dumps(info))
+      return True
     try:
       fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
@@ -76,15 +94,21 @@ class WorkdirLock:
   def holder(self) -> tuple[dict, float] | None:
     """(the lock file's JSON, its mtime), or None when there is no lock."""
     try:
-      with open(self.path, encoding="utf-8") as f:
-        text = f.read()
-      mtime = os.path.getmtime(self.path)
+      if self.remote:
+        text, mtime = workdir_lib.path(self.path).read_text(), None
+      else:
+        with open(self.path, encoding="utf-8") as f:
+          text = f.read()
+        mtime = os.path.getmtime(self.path)
     except FileNotFoundError:
       return None
     try:
       info = json.loads(text)
     except json.JSONDecodeError:
       info = {}  # Written half by a killed process: no holder to respect.
+    if mtime is None:
+      beat = info.get("beat", 0.0) if isinstance(info, dict) else 0.0
+      mtime = float(beat) if isinstance(beat, (int, float)) else 0.0
     return info, mtime
 
   def stale_reason(self, info: dict, mtime: float) -> str | None:
@@ -103,7 +127,7 @@ class WorkdirLock:
 
   def acquire(self) -> None:
     """Takes the lock, taking over a stale one; raises WorkdirLockedError if held."""
-    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    workdir_lib.path(self.path).parent.mkdir(parents=True, exist_ok=True)
     for _ in range(3):
       if self._create():
         self._held = True
@@ -117,24 +141,32 @@ class WorkdirLock:
       if reason is None:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("since", mtime)))
         raise WorkdirLockedError(
-            f"workdir {os.path.dirname(self.path)} is in use by process {info['pid']} on host "
+            f"workdir {workdir_lib.path(self.path).parent} is in use by process {info['pid']} on host "
             f"{info['host']} (since {since}); wait for it to finish, stop it, or use another --workdir. "
             f"If that process is gone, delete {self.path}")
-      # Moved aside rather than deleted, so two runs taking over at once cannot both win.
-      aside = f"{self.path}.stale-{os.getpid()}"
-      try:
-        os.rename(self.path, aside)
-      except FileNotFoundError:
-        continue
-      os.remove(aside)
+      if self.remote:
+        workdir_lib.path(self.path).unlink(missing_ok=True)
+      else:
+        # Moved aside rather than deleted, so two runs taking over at once cannot both win.
+        aside = f"{self.path}.stale-{os.getpid()}"
+        try:
+          os.rename(self.path, aside)
+        except FileNotFoundError:
+          continue
+        os.remove(aside)
       self._echo(f"Taking over the stale lock {self.path}: {reason}")
     raise WorkdirLockedError(f"could not take the lock {self.path}; another run is starting in this workdir")
 
   def _start_heartbeat(self) -> None:
+    since = time.time()
+
     def beat():
       while not self._stop.wait(self.heartbeat_s):
         try:
-          os.utime(self.path)
+          if self.remote:
+            workdir_lib.path(self.path).write_text(json.dumps(self._info(since)))
+          else:
+            os.utime(self.path)
         except OSError:
           return
     self._thread = threading.Thread(target=beat, name="mile_jax-lock", daemon=True)
@@ -146,10 +178,7 @@ class WorkdirLock:
     self._stop.set()
     if self._thread is not None:
       self._thread.join(timeout=5.0)
-    try:
-      os.remove(self.path)
-    except FileNotFoundError:
-      pass
+    workdir_lib.path(self.path).unlink(missing_ok=True)
     self._held = False
 
   def __enter__(self):
@@ -158,15 +187,6 @@ class WorkdirLock:
 
   def __exit__(self, *exc):
     self.release()
-
-
-def check_writable(workdir: str) -> None:
-  """Raises OSError (with the reason) unless files can be created in `workdir`."""
-  os.makedirs(workdir, exist_ok=True)
-  probe = os.path.join(workdir, f".write-test-{os.getpid()}")
-  with open(probe, "w", encoding="utf-8") as f:
-    f.write("ok")
-  os.remove(probe)
 
 
 def reached_preemption_sync_point(step: int) -> bool:

@@ -49,12 +49,31 @@ def select_devices(num_devices: int = 0) -> list[Any]:
   return devices[:num_devices]
 
 
+def check_tensor_axis_within_processes(device_grid: np.ndarray) -> None:
+  """Raises ValueError when a tensor-parallel group spans several processes.
+
+  Tensor parallelism exchanges activations in every layer, which only the
+  links inside one host (NVLink, a TPU host's chips) sustain; across hosts it
+  would run over the data-centre network. `device_grid` is a mesh's
+  (data, fsdp, tensor) array of devices.
+  """
+  tensor = device_grid.shape[-1]
+  for group in device_grid.reshape(-1, tensor):
+    processes = sorted({int(d.process_index) for d in group})
+    if len(processes) > 1:
+      per_process = sum(1 for d in device_grid.flat if d.process_index == processes[0])
+      raise ValueError(
+          f"mesh.shape: the tensor axis ({tensor} devices) spans processes {processes}; make the tensor size "
+          f"a divisor of the {per_process} devices each process has, and move the rest to data or fsdp")
+
+
 def make_mesh(shape: Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
   """A (data, fsdp, tensor) mesh over `devices` (default: all devices)."""
   devices = list(jax.devices() if devices is None else devices)
   resolved = resolve_mesh_shape(shape, len(devices))
-  return jax.make_mesh(resolved, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  mesh = jax.make_mesh(resolved, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+  check_tensor_axis_within_processes(mesh.devices)
+  return mesh
 
 
 def rules_tuple(rules: Any) -> tuple[tuple[str, Any], ...]:

@@ -4,7 +4,6 @@ import contextlib
 import functools
 import json
 import logging
-import os
 import time
 from typing import Any
 
@@ -26,6 +25,8 @@ from mile_jax import metrics as metrics_lib
 from mile_jax import model as model_lib
 from mile_jax import optim
 from mile_jax import sharding
+from mile_jax import workdir as workdir_lib
+from mile_jax.data import pipeline as data_pipeline
 
 
 @flax.struct.dataclass
@@ -66,6 +67,18 @@ def _microbatches(batch: dict[str, jax.Array], count: int) -> dict[str, jax.Arra
                       batch)
 
 
+def _fold_microbatches(fn, batch: dict[str, jax.Array], count: int, combine):
+  """`fn` of each of `count` strided micro-batches of `batch`, folded with
+  `combine(total, new)` in a scan; `fn(batch)` when `count` is 1."""
+  if count == 1:
+    return fn(batch)
+  mbs = _microbatches(batch, count)
+  total = fn(jax.tree.map(lambda x: x[0], mbs))
+  rest = jax.tree.map(lambda x: x[1:], mbs)
+  total, _ = jax.lax.scan(lambda t, mb: (combine(t, fn(mb)), None), total, rest)
+  return total
+
+
 def loss_sums_fn(params, batch, *, model: nn.Module, loss_config: Any) -> dict[str, jax.Array]:
   """The loss sums (see `losses.loss_sums`) of one batch under `params`.
 
@@ -104,20 +117,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     sums = loss_sums_fn(params, mb, model=model, loss_config=loss_config)
     return sums["loss_numerator"], sums
 
-  grad_fn = jax.grad(numerator, has_aux=True)
-  if microbatches == 1:
-    grads, sums = grad_fn(state.params, batch)
-  else:
-    def accumulate(carry, mb):
-      grads, sums = grad_fn(state.params, mb)
-      if carry is None:
-        return grads, sums
-      return jax.tree.map(jnp.add, carry[0], grads), losses.combine_sums(carry[1], sums)
-    mbs = _microbatches(batch, microbatches)
-    first = jax.tree.map(lambda x: x[0], mbs)
-    carry = accumulate(None, first)
-    rest = jax.tree.map(lambda x: x[1:], mbs)
-    (grads, sums), _ = jax.lax.scan(lambda c, mb: (accumulate(c, mb), None), carry, rest)
+  def grads_and_sums(mb):
+    # Tied to the micro-batch, the parameters' FSDP all-gathers stay inside the micro-batch loop:
+    # hoisted out of it, every layer's gathered weights would live for the whole step.
+    params, mb = jax.lax.optimization_barrier((state.params, mb))
+    return jax.grad(numerator, has_aux=True)(params, mb)
+
+  def add(total, new):
+    return jax.tree.map(jnp.add, total[0], new[0]), losses.combine_sums(total[1], new[1])
+  grads, sums = _fold_microbatches(grads_and_sums, batch, microbatches, add)
 
   denominator = sums["loss_denominator"]
   scale = jnp.where(denominator > 0, 1.0 / jnp.where(denominator > 0, denominator, 1.0), 0.0)
@@ -138,8 +146,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   return new_state, out
 
 
-def eval_step(params, batch, *, model: nn.Module, loss_config: Any) -> dict[str, jax.Array]:
-  return loss_sums_fn(params, batch, model=model, loss_config=loss_config)
+def eval_step(params, batch, *, model: nn.Module, loss_config: Any, microbatches: int = 1) -> dict[str, jax.Array]:
+  """Loss sums of a global batch, in `microbatches` strided pieces as the
+  train step takes it (so evaluation needs no more memory than training)."""
+  fn = functools.partial(loss_sums_fn, params, model=model, loss_config=loss_config)
+  return _fold_microbatches(fn, batch, microbatches, losses.combine_sums)
 
 
 def host_metrics(summed: dict[str, Any]) -> dict[str, float]:
@@ -170,7 +181,7 @@ class Trainer:
   def __init__(self, config, workdir: str, devices=None, echo=None):
     config_lib.validate(config)
     self.config = config
-    self.workdir = os.path.abspath(workdir)
+    self.workdir = workdir_lib.resolve(workdir)
     self.echo = echo or tqdm.tqdm.write
     try:
       self.mesh = sharding.make_mesh(config.mesh.shape, devices or sharding.select_devices(config.mesh.num_devices))
@@ -182,10 +193,13 @@ class Trainer:
           f"data.global_batch_size: {config.data.global_batch_size} is not divisible by the "
           f"data-parallel size {dp} (mesh data x fsdp) times train.microbatches={config.train.microbatches}")
     try:
-      faults.check_writable(self.workdir)
+      workdir_lib.check_writable(self.workdir)
     except OSError as e:
       raise config_lib.ConfigError(
           f"workdir: cannot write to {self.workdir} ({e.strerror or e}); choose another --workdir") from None
+    except ImportError as e:  # An object-store workdir without its filesystem package.
+      raise config_lib.ConfigError(f"workdir: {self.workdir} needs a package: {e} "
+                                   f"(gs://: pip install gcsfs; s3://: pip install s3fs)") from None
     self.rules = sharding.rules_tuple(config.mesh.rules)
     self.model_config = model_lib.DecoderConfig.from_config(config.model)
     self.model = model_lib.Decoder(self.model_config)
@@ -198,10 +212,11 @@ class Trainer:
                                 skip_nonfinite=config.train.skip_nonfinite)
     self._train_step = jax.jit(step_fn, in_shardings=(self.state_shardings, batch_sharding),
                                out_shardings=(self.state_shardings, None), donate_argnums=0)
-    self._eval_step = jax.jit(functools.partial(eval_step, model=self.model, loss_config=config.loss),
+    self._eval_step = jax.jit(functools.partial(eval_step, model=self.model, loss_config=config.loss,
+                                                microbatches=config.train.microbatches),
                               in_shardings=(self.state_shardings.params, batch_sharding))
     self.checkpointer = checkpoint_lib.Checkpointer(
-        os.path.join(self.workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
+        workdir_lib.join(self.workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
         max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save)
     self.config_json = json.loads(config.to_json_best_effort())
     self.checkpointer.check_compatible(self.abstract_state, self.config_json)
@@ -288,11 +303,13 @@ class Trainer:
     state = self.initial_state()
     start = int(state.step)
     self._check_tokenizer(data)
+    logs = workdir_lib.LogMirror(self.workdir, data_pipeline.resolve_cache_dir(cfg.data.cache_dir))
     if primary:
       write_run_files(self.workdir, cfg, data)
+      logs.pull()
       # Records of steps after the checkpoint are about to be logged again.
-      faults.drop_records_after(os.path.join(self.workdir, "metrics.jsonl"), start)
-    writer = metrics_lib.MetricWriter(self.workdir, enabled=primary, echo=self.echo)
+      faults.drop_records_after(logs.local_path(workdir_lib.METRICS_FILE), start)
+    writer = metrics_lib.MetricWriter(logs.local, enabled=primary, echo=self.echo)
     tokenizer_meta = checkpoint_lib.tokenizer_meta(data.tokenizer.serialized_model())
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
     flops_per_step = model_lib.flops_per_token(self.model_config, cfg.data.seq_len) * tokens_per_step
@@ -334,6 +351,9 @@ class Trainer:
           # The batch at step s is a function of (seed, s): the step is the data iterator's state.
           meta = {"data": {"next_batch_step": done, "seed": cfg.seed}, "tokenizer": tokenizer_meta}
           self.checkpointer.save(done, state, self.config_json, meta)
+          if primary:
+            writer.flush()
+            logs.push()
         if stopping:
           self.checkpointer.wait()
           self.echo(f"Stopped by {stop.received} after step {done}; saved checkpoint "
@@ -343,6 +363,8 @@ class Trainer:
       prefetcher.close()
       self.checkpointer.wait()
       writer.close()
+      if primary:
+        logs.push()
     return state
 
   def _raise_if_nonfinite(self, unchecked: list[tuple[int, dict]]) -> None:
@@ -364,12 +386,12 @@ class Trainer:
 def write_run_files(workdir: str, config, data) -> None:
   """What eval.py needs besides checkpoints: `config.json`, `tokenizer.model`
   and `token_counts.npy` (int64 [vocab], training-split occurrences per id)."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  with open(os.path.join(workdir, "tokenizer.model"), "wb") as f:
-    f.write(data.tokenizer.serialized_model())
-  np.save(os.path.join(workdir, "token_counts.npy"), data.train.token_counts(config.model.vocab_size))
+  root = workdir_lib.path(workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  (root / "config.json").write_text(config.to_json_best_effort(indent=2))
+  (root / "tokenizer.model").write_bytes(data.tokenizer.serialized_model())
+  with (root / "token_counts.npy").open("wb") as f:
+    np.save(f, data.train.token_counts(config.model.vocab_size))
 
 
 @contextlib.contextmanager

@@ -138,6 +138,22 @@ def test_few_shot_examples_follow_the_harness_seed_and_are_deterministic():
     assert example.requests[0][0] == text + f"Question: {example.doc['goal']}\nAnswer:"
 
 
+def test_a_scored_document_drawn_twice_is_dropped_and_k_are_drawn_again():
+  task = tasks_lib.TASKS["piqa"]
+  doc = {"goal": "x", "sol1": "p", "sol2": "q", "label": 0}
+  a = {"goal": "a", "sol1": "a1", "sol2": "a2", "label": 1}
+  b = {"goal": "b", "sol1": "b1", "sol2": "b2", "label": 0}
+  # For 2 shots Random(1234) draws k + 1 = 3 of 4: pool[3], pool[0], pool[2], two copies of the
+  # scored document and b. One example is left, so the harness draws 2 from [a, b] with the
+  # same generator, which gives [0, 1].
+  rnd = random.Random(1234)
+  assert rnd.sample(range(4), 3) == [3, 0, 2] and rnd.sample(range(2), 2) == [0, 1]
+  (example,) = tasks_lib.build_examples(task, [doc], [doc, a, b, dict(doc)], 2)
+  assert example.requests[0][0] == "Question: a\nAnswer: a2\n\nQuestion: b\nAnswer: b1\n\nQuestion: x\nAnswer:"
+  with pytest.raises(EvalError, match=r"--num_fewshot=2: task 'piqa' has only 1 few-shot examples .* differ"):
+    tasks_lib.build_examples(task, [doc], [doc, a, dict(doc)], 2)
+
+
 def test_tasks_with_a_test_split_draw_exactly_k_examples():
   task = tasks_lib.TASKS["arc_easy"]
   pool = [{"question": f"q{i}", "choices": {"text": ["x", "y"], "label": ["A", "B"]}, "answerKey": "A"}

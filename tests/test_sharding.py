@@ -1,5 +1,8 @@
 """The same step on any mesh: 1 device vs (2,2,2) and (8,1,1) of fake CPU devices."""
 
+import functools
+import types
+
 import jax
 import numpy as np
 import pytest
@@ -76,3 +79,43 @@ def test_microbatches_give_the_full_batch_step(single_device_run, tiny_config):
   np.testing.assert_allclose(step_losses, ref_losses, rtol=1e-5)
   for ref, got in zip(jax.tree.leaves(ref_state.params), jax.tree.leaves(state.params)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-6)
+
+
+def test_eval_step_in_microbatches_sums_the_whole_batch(single_device_run, tiny_config):
+  """Strided micro-batches cover every row once: sums equal a float64 NumPy pass over the batch."""
+  state, _ = single_device_run
+  config = tiny_config()
+  trainer = train_lib.Trainer(config, "/tmp/unused-workdir", devices=jax.devices()[:1])
+  batch = synthetic_batch(7, config.data.global_batch_size, config.data.seq_len, config.model.vocab_size)
+  sums = {}
+  for count in (1, 4):
+    step = jax.jit(functools.partial(train_lib.eval_step, model=trainer.model, loss_config=config.loss,
+                                     microbatches=count))
+    with train_lib.mesh_context(trainer.mesh, trainer.rules):
+      sums[count] = jax.device_get(step(state.params, sharding.make_global_batch(batch, trainer.mesh)))
+  logits = np.asarray(trainer.model.apply({"params": state.params}, batch["inputs"]), np.float64)
+  log_p = logits - logits.max(-1, keepdims=True)
+  log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+  ce = -np.take_along_axis(log_p, batch["targets"][..., None], -1)[..., 0]
+  entropy = -(np.exp(log_p) * log_p).sum(-1)
+  mask = batch["mask"]
+  for count in (1, 4):
+    np.testing.assert_allclose(sums[count]["ce_sum"], (ce * mask).sum(), rtol=1e-5)
+    np.testing.assert_allclose(sums[count]["entropy_sum"], (entropy * mask).sum(), rtol=1e-5)
+    np.testing.assert_allclose(sums[count]["tokens"], mask.sum())
+  for key in ("loss_numerator", "loss_denominator", "weight_max"):
+    np.testing.assert_allclose(sums[4][key], sums[1][key], rtol=1e-5)
+
+
+def test_tensor_axis_must_stay_inside_a_process():
+  fake = lambda i, process: types.SimpleNamespace(id=i, process_index=process)  # noqa: E731
+  # 2 processes x 4 devices, process-major: tensor 4 fits inside each process, tensor 8 does not.
+  devices = np.array([fake(i, i // 4) for i in range(8)], dtype=object)
+  sharding.check_tensor_axis_within_processes(devices.reshape(1, 2, 4))
+  sharding.check_tensor_axis_within_processes(devices.reshape(2, 2, 2))
+  with pytest.raises(ValueError, match=r"mesh.shape: the tensor axis \(8 devices\) spans processes \[0, 1\].* 4 "):
+    sharding.check_tensor_axis_within_processes(devices.reshape(1, 1, 8))
+  # Devices interleaved across processes: even a tensor axis of 2 crosses hosts.
+  interleaved = np.array([fake(i, i % 2) for i in range(8)], dtype=object)
+  with pytest.raises(ValueError, match="spans processes"):
+    sharding.check_tensor_axis_within_processes(interleaved.reshape(1, 4, 2))

@@ -46,11 +46,14 @@ def resolve_cache_dir(cache_dir: str) -> str:
 def _get_tokenizer(data_config: Any, vocab_size: int, corpus: corpus_lib.Corpus,
                    cache_dir: str) -> Tokenizer:
   if data_config.tokenizer_path:
-    path = os.path.expanduser(data_config.tokenizer_path)
-    if not os.path.isfile(path):
-      raise ConfigError(f"data.tokenizer_path: no such file {data_config.tokenizer_path!r}")
+    path = data_config.tokenizer_path if "://" in data_config.tokenizer_path else os.path.expanduser(
+        data_config.tokenizer_path)
     try:
       tokenizer = load_tokenizer(path)
+    except FileNotFoundError:
+      raise ConfigError(f"data.tokenizer_path: no such file {data_config.tokenizer_path!r}") from None
+    except ImportError as e:  # gs:// or s3:// without its filesystem package.
+      raise ConfigError(f"data.tokenizer_path: {path!r} needs a package: {e}") from None
     except (OSError, RuntimeError) as e:
       raise ConfigError(f"data.tokenizer_path: {path!r} is not a SentencePiece model ({e})") from None
   else:

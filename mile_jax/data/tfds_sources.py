@@ -184,11 +184,12 @@ def prepare_files(pattern: str, data_dir: str, *, txt_documents: str, text_field
   return builder
 
 
-def _needs_tensorflow(name: str, builder) -> ConfigError:
+def _needs_tensorflow(name: str, builder, setting: str) -> ConfigError:
   return ConfigError(
-      f"data.source: TFDS dataset {name!r} in {builder.data_dir} is stored as "
+      f"{setting}: TFDS dataset {name!r} in {builder.data_dir} is stored as "
       f"{builder.info.file_format.value}, which only TensorFlow reads: pip install tensorflow, "
-      f"or prepare it as array_record (tfds build {name} --file_format=array_record)")
+      f"or prepare it as array_record (tfds build {name} --file_format=array_record "
+      f"--data_dir={builder.data_dir_root})")
 
 
 def _split_names(builder) -> list[str]:
@@ -198,6 +199,49 @@ def _split_names(builder) -> list[str]:
 def _check_split(setting: str, split: str, builder) -> None:
   if split.split("[")[0] not in builder.info.splits:
     raise ConfigError(f"{setting}: split {split!r} not in the dataset's splits {_split_names(builder)}")
+
+
+def prepared_builder(name: str, data_dir: str, *, setting: str, download: bool = False,
+                     prepare_hint: str = ""):
+  """The builder of TFDS dataset ``name`` (``<dataset>[/<config>][:<version>]``), prepared.
+
+  ``data_dir`` is local or ``gs://``, "" for TFDS's default. A dataset that is
+  not prepared there is prepared as array_record when ``download``, else
+  ConfigError (naming ``setting``, ending with ``prepare_hint``); so is an
+  unknown name.
+  """
+  tfds = _tfds()
+  try:
+    builder = tfds.builder(name, data_dir=data_dir or None)
+    if not builder.is_prepared():
+      if not download:
+        raise ConfigError(
+            f"{setting}: TFDS dataset {name!r} is not prepared in {builder.data_dir_root}; "
+            f"prepare it (tfds build {name} --file_format=array_record --data_dir=...){prepare_hint}")
+      builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
+      builder.download_and_prepare()
+  except ConfigError:
+    raise
+  except ValueError as e:  # DatasetNotFoundError and unknown configs or versions
+    first_line = str(e).strip().splitlines()[0]
+    raise ConfigError(f"{setting}: unknown TFDS dataset {name!r} ({first_line})") from None
+  return builder
+
+
+def split_reader(name: str, builder, *, setting: str):
+  """A function ``split -> records`` (dicts of decoded NumPy values) for a prepared dataset.
+
+  Random-access formats (array_record) are read through
+  ``builder.as_data_source`` without TensorFlow; others (tfrecord) are read
+  whole with ``tfds.as_numpy(builder.as_dataset(split))`` where TensorFlow is
+  importable, else ConfigError naming ``setting``.
+  """
+  tfds = _tfds()
+  if builder.info.available_file_formats() & tfds.core.file_adapters.FileFormat.with_random_access():
+    return builder.as_data_source
+  if importlib.util.find_spec("tensorflow") is not None:
+    return lambda split: list(tfds.as_numpy(builder.as_dataset(split)))
+  raise _needs_tensorflow(name, builder, setting)
 
 
 def open_tfds(name: str, data_dir: str, *, train_split: str, val_split: str, text_field: str,
@@ -215,22 +259,8 @@ def open_tfds(name: str, data_dir: str, *, train_split: str, val_split: str, tex
     ``(train, validation, key)``: two ``TextSequence`` and a string that
     identifies the data.
   """
-  tfds = _tfds()
-  try:
-    builder = tfds.builder(name, data_dir=data_dir or None)
-    if not builder.is_prepared():
-      if not download:
-        raise ConfigError(
-            f"data.source: TFDS dataset {name!r} is not prepared in {builder.data_dir_root}; "
-            f"prepare it (tfds build {name} --file_format=array_record --data_dir=...) or set "
-            "data.tfds_download=True")
-      builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
-      builder.download_and_prepare()
-  except ConfigError:
-    raise
-  except ValueError as e:  # DatasetNotFoundError and unknown configs or versions
-    first_line = str(e).strip().splitlines()[0]
-    raise ConfigError(f"data.source: unknown TFDS dataset {name!r} ({first_line})") from None
+  builder = prepared_builder(name, data_dir, setting="data.source", download=download,
+                             prepare_hint=" or set data.tfds_download=True")
   features = builder.info.features
   if text_field not in features:
     raise ConfigError(f"data.text_field: {text_field!r} is not a feature of TFDS dataset "
@@ -240,25 +270,18 @@ def open_tfds(name: str, data_dir: str, *, train_split: str, val_split: str, tex
     val_split = "validation"
   if val_split:
     _check_split("data.val_split", val_split, builder)
-  random_access = tfds.core.file_adapters.FileFormat.with_random_access()
-  if builder.info.available_file_formats() & random_access:
-    read = lambda split: builder.as_data_source(split)  # noqa: E731
-  elif importlib.util.find_spec("tensorflow") is not None:
-    read = lambda split: [r[text_field] for r in tfds.as_numpy(builder.as_dataset(split))]  # noqa: E731
-  else:
-    raise _needs_tensorflow(name, builder)
-  field = text_field if builder.info.available_file_formats() & random_access else None
+  read = split_reader(name, builder, setting="data.source")
   train_records = read(train_split)
   key = f"tfds|{builder.info.full_name}|{builder.data_dir}|{text_field}|{train_split}"
   if val_split:
     val_records = read(val_split)
-    train = TextSequence(train_records, field)
-    val = TextSequence(val_records, field)
+    train = TextSequence(train_records, text_field)
+    val = TextSequence(val_records, text_field)
     key += f"|{len(train_records)}|{val_split}|{len(val_records)}"
   else:
     train_idx, val_idx = holdout(len(train_records), val_fraction)
-    train = TextSequence(train_records, field, train_idx)
-    val = TextSequence(train_records, field, val_idx)
+    train = TextSequence(train_records, text_field, train_idx)
+    val = TextSequence(train_records, text_field, val_idx)
     key += f"|{len(train_records)}|holdout={val_fraction}"
   if not len(train) or not len(val):
     raise ConfigError(f"data.source: TFDS dataset {name!r} gives {len(train)} train and "

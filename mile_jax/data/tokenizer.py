@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 
 import sentencepiece as spm
+from etils import epath
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # Part of the cache key: bump when the trainer options below change meaning.
@@ -103,10 +104,11 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-  """Load a SentencePiece ``.model`` file."""
-  if not os.path.isfile(path):
+  """Load a SentencePiece ``.model`` file (a local path or a gs:// / s3:// URI)."""
+  model = epath.Path(path)
+  if not model.is_file():
     raise FileNotFoundError(f"tokenizer model file not found: {path!r}")
-  processor = spm.SentencePieceProcessor(model_file=path)
+  processor = spm.SentencePieceProcessor(model_proto=model.read_bytes())
   return Tokenizer(processor, path)
 
 

@@ -6,7 +6,8 @@ task runs on a checkpoint:
 
     import lm_eval
     import mile_jax.evaluation.harness  # registers "mile_jax"
-    lm_eval.simple_evaluate(model="mile_jax", model_args="workdir=/tmp/run,step=300", tasks=["hellaswag"])
+    lm_eval.simple_evaluate(model="mile_jax", model_args="workdir=/tmp/run,step=300,mesh_shape=1;-1;1",
+                            tasks=["hellaswag"])
 
 Without the harness the class still works on any objects with an `args`
 tuple, which is how the harness hands over its requests.
@@ -34,7 +35,8 @@ class HarnessLM(_Base):
     workdir: a training workdir (or its checkpoints/ or one checkpoints/<step>/).
     step: checkpoint step; default the latest.
     batch_size: rows per forward pass.
-    mesh_shape: "(data, fsdp, tensor)" as "1,-1,1" or a tuple.
+    mesh_shape: (data, fsdp, tensor) as a tuple or a string, "1,-1,1" or, inside the
+      harness's comma-separated `model_args`, "1;-1;1".
     lm: an already built `LanguageModel` (then the other arguments are ignored).
   """
 

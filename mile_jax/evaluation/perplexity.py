@@ -1,11 +1,21 @@
 """Token-level perplexity, overall and per frequency bucket, on packed text.
 
 Every batch is reduced on device to sums per bucket (cross-entropy, its
-square, entropy, token count); the host adds them up and divides once, so
-the result is exact over any number of batches and devices. The standard
-error of the mean cross-entropy treats tokens as independent (neighbouring
-tokens are correlated, so it is a lower bound); the perplexity's error is
-its delta-method image, exp(ce) * se(ce).
+square, entropy, token count) and to each row's cross-entropy sum and token
+count; the host adds them up in float64 and divides once, so the result is
+exact over any number of batches and devices.
+
+Two standard errors of the mean cross-entropy ce = sum_i y_i / sum_i n_i
+(row i holds n_i target tokens whose cross-entropies sum to y_i):
+- `ce_stderr_rows`, the one eval.py reports: rows are the independent units
+  (a ratio estimator over clusters, by the delta method):
+  var = m / (m - 1) * sum_i (y_i - ce * n_i)^2 / (sum_i n_i)^2 over the m rows
+  evaluated (rows without a token of a bucket count, with y_i = n_i = 0).
+  Tokens of one row are correlated (same document, same context), so this is
+  larger than the token-level error; rows cut from one long document are still
+  correlated, so it too can err low.
+- `ce_stderr`: tokens as independent draws, sd(ce_t) / sqrt(N), a lower bound.
+The perplexity's errors are their delta-method images, exp(ce) * se(ce).
 """
 
 import functools
@@ -24,7 +34,8 @@ from mile_jax.evaluation.restore import Restored
 
 
 def bucket_sums(params, batch, bucket_of_id, *, model, num_buckets: int) -> dict[str, jax.Array]:
-  """Sums per bucket of the targets' ids, each float32 (num_buckets,).
+  """Sums per bucket of the targets' ids, each float32 (num_buckets,), and per
+  row and bucket, `row_ce` and `row_tokens` float32 (B, num_buckets).
 
   Args:
     batch: `inputs`, `targets` int32 (B, T), `mask` float32 (B, T), optional
@@ -39,12 +50,37 @@ def bucket_sums(params, batch, bucket_of_id, *, model, num_buckets: int) -> dict
   weights = onehot * batch["mask"].astype(jnp.float32)[..., None]
   total = lambda x: jnp.einsum("btk,bt->k", weights, x)
   return {"ce_sum": total(ce), "ce_sq_sum": total(ce * ce), "entropy_sum": total(entropy),
-          "tokens": jnp.sum(weights, axis=(0, 1))}
+          "tokens": jnp.sum(weights, axis=(0, 1)), "row_ce": jnp.einsum("btk,bt->bk", weights, ce),
+          "row_tokens": jnp.sum(weights, axis=1)}
+
+
+def row_moments(row_ce: np.ndarray, row_tokens: np.ndarray) -> dict[str, np.ndarray]:
+  """The additive row statistics `summarize` needs: float64 (K, K) cross-bucket
+  products summed over rows (so that any set of buckets, whose row sums are
+  sums over its buckets, gets its own), and the row count (K,).
+
+  Args:
+    row_ce: (rows, K) each row's cross-entropy sum per bucket.
+    row_tokens: (rows, K) each row's token count per bucket.
+  """
+  y, n = np.asarray(row_ce, np.float64), np.asarray(row_tokens, np.float64)
+  return {"row_ce_sq_sum": y.T @ y, "row_ce_tokens_sum": y.T @ n, "row_tokens_sq_sum": n.T @ n,
+          "rows": np.full(y.shape[1], float(y.shape[0]))}
+
+
+@functools.lru_cache(maxsize=8)
+def _sums_fn(model, num_buckets: int, mesh: jax.sharding.Mesh):
+  """`bucket_sums` jitted once per model, bucket count and mesh (a later
+  `evaluate` reuses the compiled function)."""
+  # Replicated outputs: every process can read the per-row arrays.
+  return jax.jit(functools.partial(bucket_sums, model=model, num_buckets=num_buckets),
+                 out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
 def evaluate(restored: Restored, dataset: Any, *, batch_size: int, max_batches: int = 0,
              bucket_of_id: np.ndarray | None = None, num_buckets: int = 1, desc: str = "ppl") -> dict[str, np.ndarray]:
-  """Sums (float64, (num_buckets,)) over `dataset.batch(0..)` of `batch_size` rows.
+  """Sums (float64) over `dataset.batch(0..)` of `batch_size` rows: those of
+  `bucket_sums`, (num_buckets,), and in place of its per-row arrays, `row_moments`.
 
   One pass over the dataset's rows (whole batches only), or `max_batches`
   batches when that is positive.
@@ -59,7 +95,7 @@ def evaluate(restored: Restored, dataset: Any, *, batch_size: int, max_batches: 
   count = min(available, max_batches) if max_batches > 0 else available
   if bucket_of_id is None:
     bucket_of_id = np.zeros(restored.config.model.vocab_size, np.int32)
-  fn = jax.jit(functools.partial(bucket_sums, model=restored.model, num_buckets=num_buckets))
+  fn = _sums_fn(restored.model, num_buckets, restored.mesh)
   buckets = jnp.asarray(bucket_of_id, jnp.int32)
   totals = None
   with restored.context():
@@ -67,22 +103,42 @@ def evaluate(restored: Restored, dataset: Any, *, batch_size: int, max_batches: 
       local = dataset.batch(step, batch_size, jax.process_index(), jax.process_count())
       sums = jax.device_get(fn(restored.params, sharding.make_global_batch(local, restored.mesh), buckets))
       sums = {k: np.asarray(v, np.float64) for k, v in sums.items()}
+      sums.update(row_moments(sums.pop("row_ce"), sums.pop("row_tokens")))
       totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
   return totals
 
 
 def summarize(sums: dict[str, np.ndarray], index: int | slice = slice(None)) -> dict[str, float]:
-  """Perplexity, mean cross-entropy, mean entropy, their standard errors and the token count."""
-  tokens = float(np.sum(sums["tokens"][index]))
+  """Perplexity, mean cross-entropy, mean entropy, the token count and the
+  standard errors (see the module docstring) of bucket `index` (default all):
+  `ce_stderr`/`perplexity_stderr` with tokens independent,
+  `ce_stderr_rows`/`perplexity_stderr_rows` with rows independent."""
+  total = lambda key: float(np.sum(sums[key][index]))
+  chosen = np.atleast_1d(np.arange(len(sums["tokens"]))[index])
+  cross = lambda key: float(np.sum(sums[key][np.ix_(chosen, chosen)]))
+  tokens = total("tokens")
   if tokens == 0:
-    return {"tokens": 0.0, "ce": math.nan, "ce_stderr": math.nan, "perplexity": math.nan,
-            "perplexity_stderr": math.nan, "entropy": math.nan}
-  ce = float(np.sum(sums["ce_sum"][index])) / tokens
-  variance = max(float(np.sum(sums["ce_sq_sum"][index])) / tokens - ce * ce, 0.0)
+    return {"tokens": 0.0, "ce": math.nan, "ce_stderr": math.nan, "ce_stderr_rows": math.nan,
+            "perplexity": math.nan, "perplexity_stderr": math.nan, "perplexity_stderr_rows": math.nan,
+            "entropy": math.nan}
+  ce = total("ce_sum") / tokens
+  variance = max(total("ce_sq_sum") / tokens - ce * ce, 0.0)
   ce_se = math.sqrt(variance * tokens / max(tokens - 1, 1) / tokens)
+  ce_se_rows = _ratio_stderr(ce, tokens, cross("row_ce_sq_sum"), cross("row_ce_tokens_sum"),
+                             cross("row_tokens_sq_sum"), float(np.max(sums["rows"])))
   ppl = math.exp(min(ce, 700.0))
-  return {"tokens": tokens, "ce": ce, "ce_stderr": ce_se, "perplexity": ppl, "perplexity_stderr": ppl * ce_se,
-          "entropy": float(np.sum(sums["entropy_sum"][index])) / tokens}
+  return {"tokens": tokens, "ce": ce, "ce_stderr": ce_se, "ce_stderr_rows": ce_se_rows, "perplexity": ppl,
+          "perplexity_stderr": ppl * ce_se, "perplexity_stderr_rows": ppl * ce_se_rows,
+          "entropy": total("entropy_sum") / tokens}
+
+
+def _ratio_stderr(ratio: float, tokens: float, yy: float, yn: float, nn: float, rows: float) -> float:
+  """se of ratio = sum y_i / sum n_i over `rows` clusters from sum y^2, sum y n, sum n^2."""
+  if rows < 2:
+    return math.nan
+  # sum_i (y_i - ratio * n_i)^2, expanded so that batches add up; float64 keeps the cancellation small.
+  residual = max(yy - 2.0 * ratio * yn + ratio * ratio * nn, 0.0)
+  return math.sqrt(rows / (rows - 1) * residual) / tokens
 
 
 def per_bucket(sums: dict[str, np.ndarray], names: Sequence[str]) -> dict[str, dict[str, float]]:

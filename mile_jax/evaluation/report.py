@@ -15,19 +15,27 @@ import math
 import os
 from typing import Any, Sequence
 
+from mile_jax import workdir as workdir_lib
 from mile_jax.evaluation.errors import EvalError
 
 
 def default_path(result: dict) -> str:
   stamp = result["created"].replace(":", "").replace("-", "")
-  return os.path.join(result["workdir"], "eval", f"step{result['step']}_{stamp}.json")
+  return workdir_lib.join(result["workdir"], "eval", f"step{result['step']}_{stamp}.json")
 
 
 def write_json(result: dict, path: str) -> str:
+  """Writes `result` to `path` (local, or a gs:// / s3:// URI, written whole)."""
+  text = json.dumps(result, indent=2, sort_keys=True, allow_nan=True)
+  if workdir_lib.is_remote(path):
+    target = workdir_lib.path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    return path
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=2, sort_keys=True, allow_nan=True)
+    f.write(text)
   os.replace(tmp, path)
   return path
 

@@ -4,14 +4,14 @@ A run's workdir holds `config.json`, `tokenizer.model`, `token_counts.npy` and
 `checkpoints/<step>/`. The train state is restored through the same model
 code and sharding rules as training, onto a mesh built from whatever devices
 this machine has (`mesh_shape`, default all devices in FSDP), so a checkpoint
-written on a pod restores on one CPU. The optimizer state is restored with
-the parameters (Orbax reads the whole state) and dropped.
+written on a pod restores on one CPU. Only the parameters are read
+(`Checkpointer.restore_params`): the optimizer state, twice the parameters'
+size under AdamW, stays on disk.
 """
 
 import dataclasses
 import hashlib
 import json
-import os
 from typing import Any, Sequence
 
 import jax
@@ -19,10 +19,12 @@ import ml_collections
 import numpy as np
 
 from mile_jax import checkpoint as checkpoint_lib
+from mile_jax import config_lib
 from mile_jax import model as model_lib
 from mile_jax import optim
 from mile_jax import sharding
 from mile_jax import train_lib
+from mile_jax import workdir as workdir_lib
 from mile_jax.data import tokenizer as tokenizer_lib
 from mile_jax.evaluation.errors import EvalError
 
@@ -52,11 +54,12 @@ class Restored:
 
   def token_counts(self) -> np.ndarray:
     """int64 [vocab]: training-split occurrences of each token id."""
-    path = os.path.join(self.workdir, "token_counts.npy")
-    if not os.path.isfile(path):
+    path = workdir_lib.join(self.workdir, "token_counts.npy")
+    if not workdir_lib.path(path).is_file():
       raise EvalError(f"{path} is missing: the bucket analysis needs the training token counts "
                       f"that train.py writes into the workdir")
-    counts = np.load(path)
+    with workdir_lib.path(path).open("rb") as f:
+      counts = np.load(f)
     if counts.shape != (self.config.model.vocab_size,):
       raise EvalError(f"{path}: expected {self.config.model.vocab_size} counts, found shape {counts.shape}")
     return counts
@@ -69,26 +72,26 @@ def config_hash(config_json: dict) -> str:
 
 
 def _steps_in(checkpoint_dir: str) -> list[int]:
-  if not os.path.isdir(checkpoint_dir):
+  root = workdir_lib.path(checkpoint_dir)
+  if not root.is_dir():
     return []
-  return sorted(int(n) for n in os.listdir(checkpoint_dir)
-                if n.isdigit() and os.path.isdir(os.path.join(checkpoint_dir, n)))
+  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
 
 
 def locate(path: str, step: int | None) -> tuple[str, str, int]:
   """(workdir, checkpoint directory, step) for a workdir, its `checkpoints/`
   or one `checkpoints/<step>` directory; the latest step when `step` is None."""
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.isdir(path):
+  path = workdir_lib.resolve(path)
+  if not workdir_lib.path(path).is_dir():
     raise EvalError(f"--workdir: no such directory {path}")
-  name = os.path.basename(path)
-  if name.isdigit() and os.path.basename(os.path.dirname(path)) == "checkpoints":
-    checkpoint_dir, step = os.path.dirname(path), int(name) if step is None else step
+  name, parent = path.rsplit("/", 1)[1], path.rsplit("/", 1)[0]
+  if name.isdigit() and parent.rsplit("/", 1)[-1] == "checkpoints":
+    checkpoint_dir, step = parent, int(name) if step is None else step
   elif name == "checkpoints":
     checkpoint_dir = path
   else:
-    checkpoint_dir = os.path.join(path, "checkpoints")
-  workdir = os.path.dirname(checkpoint_dir)
+    checkpoint_dir = workdir_lib.join(path, "checkpoints")
+  workdir = checkpoint_dir.rsplit("/", 1)[0]
   steps = _steps_in(checkpoint_dir)
   if not steps:
     raise EvalError(f"--workdir: no checkpoints in {checkpoint_dir}; train first "
@@ -102,11 +105,10 @@ def locate(path: str, step: int | None) -> tuple[str, str, int]:
 
 def load_config(workdir: str) -> tuple[ml_collections.ConfigDict, dict]:
   """The run's config (and its JSON) from `config.json`."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+  path = workdir_lib.join(workdir, "config.json")
+  if not workdir_lib.path(path).is_file():
     raise EvalError(f"{path} is missing: eval.py needs the config.json that train.py writes into the workdir")
-  with open(path, encoding="utf-8") as f:
-    config_json = json.load(f)
+  config_json = json.loads(workdir_lib.path(path).read_text())
   return ml_collections.ConfigDict(config_json), config_json
 
 
@@ -123,8 +125,8 @@ def restore(path: str, step: int | None = None, mesh_shape: Sequence[int] = DEFA
   """
   workdir, checkpoint_dir, step = locate(path, step)
   config, config_json = load_config(workdir)
-  tokenizer_path = os.path.join(workdir, "tokenizer.model")
-  if not os.path.isfile(tokenizer_path):
+  tokenizer_path = workdir_lib.join(workdir, "tokenizer.model")
+  if not workdir_lib.path(tokenizer_path).is_file():
     raise EvalError(f"{tokenizer_path} is missing: eval.py needs the tokenizer that train.py writes into the workdir")
   tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path)
   try:
@@ -133,10 +135,42 @@ def restore(path: str, step: int | None = None, mesh_shape: Sequence[int] = DEFA
     raise EvalError(f"--mesh_shape: {e}") from None
   rules = sharding.rules_tuple(config.mesh.rules)
   model = model_lib.Decoder(model_lib.DecoderConfig.from_config(config.model))
+  params = restore_params(checkpoint_dir, step, model, mesh, rules, config, config_json)
+  return Restored(config=config, model=model, params=params, mesh=mesh, rules=rules, tokenizer=tokenizer,
+                  step=step, workdir=workdir, config_hash=config_hash(config_json))
+
+
+def restore_params(checkpoint_dir: str, step: int, model: model_lib.Decoder, mesh: jax.sharding.Mesh,
+                   rules: tuple, config: ml_collections.ConfigDict, config_json: dict) -> Any:
+  """The parameters of `checkpoint_dir/<step>`, placed with the shardings that
+  `config.mesh.rules` give them on `mesh`; the optimizer state is not read.
+
+  Raises:
+    EvalError: the checkpoint holds other parameters than `config` makes
+      (naming the model settings that differ from the ones it was saved with),
+      or it cannot be read.
+  """
+  # The optimizer only shapes the abstract state (nothing is allocated); its params part is kept.
   tx, _ = optim.make_optimizer(config.optim, config.train.steps)
   abstract, shardings = train_lib.state_shardings(model, tx, mesh, rules, config.data.seq_len)
   checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir, every_steps=1, max_to_keep=1 << 30,
                                              async_save=False)
-  state = checkpointer.restore(step, checkpoint_lib.abstract_with_shardings(abstract, shardings))
-  return Restored(config=config, model=model, params=state.params, mesh=mesh, rules=rules, tokenizer=tokenizer,
-                  step=step, workdir=workdir, config_hash=config_hash(config_json))
+  where = checkpointer.step_path(step)
+  try:
+    return checkpointer.restore_params(
+        step, checkpoint_lib.abstract_with_shardings(abstract.params, shardings.params))
+  except config_lib.ConfigError as e:
+    try:
+      diffs = checkpoint_lib.config_differences(checkpointer.restore_config(step), config_json, ("model",))
+    except Exception:  # pylint: disable=broad-except
+      diffs = []  # No readable config item: the array difference alone is reported.
+    config_path = workdir_lib.join(checkpoint_dir.rsplit("/", 1)[0], "config.json")
+    if diffs:
+      settings = "; ".join(f"{k}={theirs!r} there, {ours!r} in config.json" for k, theirs, ours in diffs)
+      raise EvalError(f"{config_path}: checkpoint {where} was saved by a different model ({settings}); "
+                      f"use the config.json of the run that wrote it") from None
+    raise EvalError(f"{config_path}: {e}") from None
+  except Exception as e:  # pylint: disable=broad-except
+    # Orbax and TensorStore raise ValueError, KeyError, FileNotFoundError... for damaged files.
+    raise EvalError(f"checkpoint {where} cannot be read ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:300] if str(e) else ''}); pass another --step") from None

@@ -3,13 +3,13 @@ requested tasks, writes the JSON result and prints the Markdown table."""
 
 import dataclasses
 import datetime
-import os
 from typing import Any, Sequence
 
 import jax
 import ml_collections
 
 from mile_jax import data as data_lib
+from mile_jax import workdir as workdir_lib
 from mile_jax.config_lib import ConfigError
 from mile_jax.evaluation import buckets as buckets_lib
 from mile_jax.evaluation import lm as lm_lib
@@ -31,6 +31,8 @@ class EvalOptions:
   num_fewshot: int | None = None  # None: each task's default (0; MMLU 5)
   limit: int = 0  # 0: every document
   task_data_dir: str = ""
+  task_source: str = "local"  # "local", "tfds" or "auto" (see task_data)
+  tfds_data_dir: str = ""  # "": TFDS's default data directory
   batch_size: int = 32
   ppl_batches: int = 0  # 0: one pass over the validation rows
   ppl_source: str = ""  # "": the run's data.source
@@ -50,11 +52,14 @@ def _check(opts: EvalOptions) -> list[str]:
   if opts.limit < 0:
     raise EvalError(f"--limit: must be >= 0, got {opts.limit}")
   benchmarks = [n for n in names if n in tasks_lib.TASKS]
-  if benchmarks and not opts.task_data_dir:
-    raise EvalError(f"--task_data_dir: needed for {', '.join(benchmarks)} (a directory with <task>/<split>.jsonl)")
+  if opts.task_source not in task_data.SOURCES:
+    raise EvalError(f"--task_source: must be one of {', '.join(task_data.SOURCES)}, got {opts.task_source!r}")
+  if benchmarks and not opts.task_data_dir and opts.task_source == "local":
+    raise EvalError(f"--task_data_dir: needed for {', '.join(benchmarks)} (a directory with <task>/<split>.jsonl), "
+                    "or read the tasks TFDS has with --task_source=tfds")
   for name in benchmarks:
     task = tasks_lib.TASKS[name]
-    task_data.check_files(opts.task_data_dir, task, _num_fewshot(task, opts))
+    task_data.check(opts.task_source, opts.task_data_dir, opts.tfds_data_dir, task, _num_fewshot(task, opts))
   if "buckets" in names:
     buckets_lib.frequency_buckets([1], opts.bucket_high, opts.bucket_low)
   return names
@@ -73,7 +78,7 @@ def _text_dataset(restored: restore_lib.Restored, opts: EvalOptions):
   """The validation split of the run's corpus (or of `--ppl_source`), tokenized
   with the run's own tokenizer."""
   data_config = ml_collections.ConfigDict(restored.config.data.to_dict())
-  data_config.tokenizer_path = os.path.join(restored.workdir, "tokenizer.model")
+  data_config.tokenizer_path = workdir_lib.join(restored.workdir, "tokenizer.model")
   data_config.global_batch_size = opts.batch_size
   if opts.ppl_source:
     data_config.source = opts.ppl_source
@@ -98,14 +103,14 @@ def text_metrics(restored, names: Sequence[str], opts: EvalOptions) -> dict[str,
   overall = perplexity.summarize(sums)
   if "ppl" in names:
     out["ppl"] = {"version": "1", "num_examples": int(overall["tokens"]), "num_fewshot": 0, "metrics": {
-        "perplexity": {"value": overall["perplexity"], "stderr": overall["perplexity_stderr"]},
-        "ce": {"value": overall["ce"], "stderr": overall["ce_stderr"]},
+        "perplexity": {"value": overall["perplexity"], "stderr": overall["perplexity_stderr_rows"]},
+        "ce": {"value": overall["ce"], "stderr": overall["ce_stderr_rows"]},
         "tokens": {"value": overall["tokens"], "stderr": None}}}
   if bucket_of_id is not None:
     metrics = {}
     for k, name in enumerate(buckets_lib.BUCKET_NAMES):
       s = perplexity.summarize(sums, k)
-      metrics[f"{name}.perplexity"] = {"value": s["perplexity"], "stderr": s["perplexity_stderr"]}
+      metrics[f"{name}.perplexity"] = {"value": s["perplexity"], "stderr": s["perplexity_stderr_rows"]}
       metrics[f"{name}.entropy"] = {"value": s["entropy"], "stderr": None}
       metrics[f"{name}.tokens"] = {"value": s["tokens"], "stderr": None}
       metrics[f"{name}.ids"] = {"value": float((bucket_of_id == k).sum()), "stderr": None}
@@ -117,8 +122,9 @@ def text_metrics(restored, names: Sequence[str], opts: EvalOptions) -> dict[str,
 def score_task(lm: lm_lib.LanguageModel, task: tasks_lib.Task, opts: EvalOptions) -> dict:
   """Runs one benchmark (all its sub-tasks) and returns its result entry."""
   k = _num_fewshot(task, opts)
-  docs = task_data.load_split(opts.task_data_dir, task, task.eval_split, opts.limit)
-  pool = task_data.load_split(opts.task_data_dir, task, task.fewshot_split) if k > 0 else []
+  where = (opts.task_source, opts.task_data_dir, opts.tfds_data_dir, task)
+  docs, source = task_data.load(*where, task.eval_split, k, opts.limit)
+  pool = task_data.load(*where, task.fewshot_split, k)[0] if k > 0 else []
   subtasks = {}
   for sub_name, sub_docs, sub_pool in tasks_lib.split_subtasks(task, docs, pool):
     if opts.limit > 0:
@@ -139,7 +145,7 @@ def score_task(lm: lm_lib.LanguageModel, task: tasks_lib.Task, opts: EvalOptions
     subtasks[sub_name] = {"version": task.version, "num_examples": len(examples), "num_fewshot": k,
                           "metrics": {m: _metric(v) for m, v in per_doc.items()}}
   if task.subtask_field is None:
-    return subtasks[task.name]
+    return dict(subtasks[task.name], source=source)
   sizes = [s["num_examples"] for s in subtasks.values()]
   metrics = {}
   for m in task.metrics:
@@ -147,15 +153,16 @@ def score_task(lm: lm_lib.LanguageModel, task: tasks_lib.Task, opts: EvalOptions
                                           [s["metrics"][m]["stderr"] for s in subtasks.values()], sizes)
     metrics[m] = {"value": mean, "stderr": se}
   return {"version": task.version, "num_examples": sum(sizes), "num_fewshot": k, "metrics": metrics,
-          "subtasks": subtasks}
+          "subtasks": subtasks, "source": source}
 
 
 def evaluate(opts: EvalOptions) -> dict:
   """Checks the inputs, restores the checkpoint, runs the tasks; returns the result dict."""
   names = _check(opts)
   workdir, _, _ = restore_lib.locate(opts.workdir, opts.step)
-  if "buckets" in names and not os.path.isfile(os.path.join(workdir, "token_counts.npy")):
-    raise EvalError(f"{os.path.join(workdir, 'token_counts.npy')} is missing: the bucket analysis needs the "
+  counts_path = workdir_lib.join(workdir, "token_counts.npy")
+  if "buckets" in names and not workdir_lib.path(counts_path).is_file():
+    raise EvalError(f"{counts_path} is missing: the bucket analysis needs the "
                     f"training token counts that train.py writes into the workdir")
   restored = restore_lib.restore(opts.workdir, opts.step, opts.mesh_shape, opts.devices)
   result = {"workdir": restored.workdir, "step": restored.step, "config_hash": restored.config_hash,

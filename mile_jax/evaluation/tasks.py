@@ -13,7 +13,9 @@ exception (a "multiple input" task): the blank is filled with each option to
 make one context per option, and the shared text after the blank is scored.
 Random few-shot examples are drawn with `random.Random(1234).sample`, one
 generator per task used document after document, as the harness does (k + 1
-drawn and the scored document dropped for the tasks without a test split);
+drawn and the scored document dropped for the tasks without a test split; if
+the pool holds the scored document twice and both copies are drawn, k are
+drawn again from the pool without it);
 MMLU takes the first k examples of the subject's dev split.
 """
 
@@ -189,6 +191,12 @@ def build_examples(task: Task, docs: Sequence[Doc], fewshot_pool: Sequence[Doc],
     elif num_fewshot:
       if extra:
         shots = [d for d in rnd.sample(list(fewshot_pool), num_fewshot + 1) if d != doc][:num_fewshot]
+        if len(shots) < num_fewshot:  # more than one copy of `doc` was drawn: draw again without it
+          others = [d for d in fewshot_pool if d != doc]
+          if len(others) < num_fewshot:
+            raise EvalError(f"--num_fewshot={num_fewshot}: task {task.name!r} has only {len(others)} few-shot "
+                            f"examples in its {task.fewshot_split!r} split that differ from a scored document")
+          shots = rnd.sample(others, num_fewshot)
       else:
         shots = rnd.sample(list(fewshot_pool), num_fewshot)
     ctx = context(task, doc, shots)

@@ -1,0 +1,207 @@
+"""eval.py's restore reads only the parameters, onto any mesh; the perplexity's
+row-level standard error against float64 NumPy."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import tensorstore as ts
+
+import conftest
+from mile_jax import checkpoint as checkpoint_lib
+from mile_jax import config_lib
+from mile_jax import model as model_lib
+from mile_jax import optim
+from mile_jax import sharding
+from mile_jax import train_lib
+from mile_jax.evaluation import perplexity
+from mile_jax.evaluation import restore as restore_lib
+from mile_jax.evaluation import runner
+from mile_jax.evaluation.errors import EvalError
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """(workdir, config, the trained TrainState as NumPy) of a real tiny run."""
+  workdir = str(tmp_path_factory.mktemp("run"))
+  config = conftest.make_tiny_config(**{"train.steps": STEPS, "checkpoint.every_steps": STEPS,
+                                        "optim.warmup_steps": 2})
+  state = train_lib.Trainer(config, workdir, devices=jax.devices()[:1]).run()
+  return workdir, config, jax.device_get(state)
+
+
+def _assert_trees_equal(got, expected):
+  assert jax.tree.structure(got) == jax.tree.structure(expected)
+  for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(np.asarray(jax.device_get(g)), np.asarray(e))
+
+
+def _abstract_state(config, mesh):
+  model = model_lib.Decoder(model_lib.DecoderConfig.from_config(config.model))
+  tx, _ = optim.make_optimizer(config.optim, config.train.steps)
+  abstract, shardings = train_lib.state_shardings(model, tx, mesh, sharding.rules_tuple(config.mesh.rules),
+                                                  config.data.seq_len)
+  return abstract, shardings
+
+
+@pytest.mark.parametrize("mesh_shape, count", [((1, 1, 1), 1), ((1, 4, 2), 8), ((2, 2, 2), 8)])
+def test_params_restore_exactly_onto_any_mesh(trained, mesh_shape, count):
+  workdir, config, state = trained
+  restored = restore_lib.restore(workdir, mesh_shape=mesh_shape, devices=jax.devices()[:count])
+  assert restored.step == STEPS
+  _assert_trees_equal(restored.params, state.params)
+  _, shardings = _abstract_state(config, restored.mesh)
+  for leaf, expected in zip(jax.tree.leaves(restored.params), jax.tree.leaves(shardings.params)):
+    assert leaf.sharding.is_equivalent_to(expected, leaf.ndim)
+  assert len(restored.params["lm_head"]["kernel"].sharding.device_set) == count
+
+
+def _stored_values(state_dir):
+  """{key: (file, offset, length)} of the array chunks stored out of line in
+  the `state` item's OCDBT database (small values are inlined in its b-tree)."""
+  base = ts.KvStore.open(f"file://{state_dir}/").result()
+  root = ts.ocdbt.dump(base).result()["versions"][-1]
+  assert root["root_height"] == 0  # One b-tree node holds every key of a checkpoint this small.
+  out = {}
+  for entry in ts.ocdbt.dump(base, root["root"]["location"]).result()["entries"]:
+    if "indirect_value" in entry:  # "value:<prefix>:<file>:<offset>:<length>"
+      _, prefix, name, offset, length = entry["indirect_value"].split(":")
+      out[entry["key"]] = (os.path.join(state_dir, prefix, name), int(offset), int(length))
+  return out
+
+
+def test_optimizer_state_is_never_read(trained, tmp_path):
+  workdir, config, state = trained
+  copy = str(tmp_path / "run")
+  shutil.copytree(workdir, copy)
+  state_dir = os.path.join(copy, "checkpoints", str(STEPS), "state")
+  stored = _stored_values(state_dir)
+  opt_chunks = [where for key, where in stored.items() if key.startswith(b"opt_state.")]
+  # AdamW's first and second moments of every large parameter are stored out of line.
+  assert len(opt_chunks) >= 2 * sum(1 for k in stored if k.startswith(b"params."))
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  abstract, shardings = _abstract_state(config, mesh)
+  full = checkpoint_lib.abstract_with_shardings(abstract, shardings)
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(copy, "checkpoints"), every_steps=1, max_to_keep=100,
+                                             async_save=False)
+  _assert_trees_equal(checkpointer.restore(STEPS, full).opt_state, state.opt_state)  # Intact, it loads.
+  for path, offset, length in opt_chunks:
+    with open(path, "r+b") as f:
+      f.seek(offset)
+      f.write(b"\xff" * length)
+  with pytest.raises(Exception):  # The full state no longer restores...
+    checkpointer.restore(STEPS, full)
+  # ...but the parameters do, exactly: no byte of the optimizer state was read.
+  _assert_trees_equal(restore_lib.restore(copy, mesh_shape=(1, 1, 1), devices=jax.devices()[:1]).params,
+                      state.params)
+
+
+def _edit_config(workdir, **model):
+  path = os.path.join(workdir, "config.json")
+  with open(path, encoding="utf-8") as f:
+    config = json.load(f)
+  config["model"].update(model)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(config, f)
+
+
+def test_another_models_config_is_named(trained, tmp_path):
+  workdir, config, _ = trained
+  copy = str(tmp_path / "run")
+  shutil.copytree(workdir, copy)
+  _edit_config(copy, n_layers=3)
+  with pytest.raises(EvalError, match=r"config.json: checkpoint .*/checkpoints/4 was saved by a different model "
+                     r"\(model.n_layers=2 there, 3 in config.json\)"):
+    restore_lib.restore(copy, mesh_shape=(1, 1, 1), devices=jax.devices()[:1])
+  # Without the settings to compare, the first differing parameter is named.
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(copy, "checkpoints"), every_steps=1, max_to_keep=100)
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  abstract, shardings = _abstract_state(conftest.make_tiny_config(**{"model.d_ff": 96}), mesh)
+  with pytest.raises(config_lib.ConfigError, match=r"holds other parameters than this model "
+                     r"\(params/layer_0/mlp/down/kernel has shape \(128, 64\) there, \(96, 64\) in this model\)"):
+    checkpointer.restore_params(STEPS, checkpoint_lib.abstract_with_shardings(abstract.params, shardings.params))
+
+
+def test_damaged_checkpoint_is_one_clear_error(trained, tmp_path):
+  workdir, _, _ = trained
+  copy = str(tmp_path / "run")
+  shutil.copytree(workdir, copy)
+  os.remove(os.path.join(copy, "checkpoints", str(STEPS), "state", "_METADATA"))
+  with pytest.raises(EvalError, match=r"checkpoint .*/checkpoints/4 cannot be read \(.*\); pass another --step"):
+    restore_lib.restore(copy, mesh_shape=(1, 1, 1), devices=jax.devices()[:1])
+
+
+def _ratio_se64(y, n):
+  """float64 reference: se of sum(y)/sum(n) with rows as independent clusters."""
+  y, n = np.asarray(y, np.float64), np.asarray(n, np.float64)
+  r = y.sum() / n.sum()
+  m = y.size
+  return np.sqrt(m / (m - 1) * np.sum((y - r * n) ** 2)) / n.sum()
+
+
+def _sums_from_rows(row_ce, row_tokens, batches):
+  """`evaluate`'s sums, accumulated batch by batch from known per-row values."""
+  totals = None
+  for y, n in zip(np.array_split(row_ce, batches), np.array_split(row_tokens, batches)):
+    sums = {"ce_sum": y.sum(0), "ce_sq_sum": np.zeros(y.shape[1]), "entropy_sum": np.zeros(y.shape[1]),
+            "tokens": n.sum(0), **perplexity.row_moments(y, n)}
+    totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
+  return totals
+
+
+def test_row_stderr_matches_float64_ratio_estimator():
+  # By hand: rows (y, n) = (2, 1), (6, 2), (4, 1): ce 3, residuals -1, 0, 1, var = 3/2 * 2 / 16.
+  hand = perplexity.summarize(_sums_from_rows(np.array([[2.0], [6.0], [4.0]]), np.array([[1.0], [2.0], [1.0]]), 2))
+  assert hand["ce"] == 3.0
+  np.testing.assert_allclose(hand["ce_stderr_rows"], np.sqrt(3 / 16), rtol=1e-12)
+  np.testing.assert_allclose(hand["perplexity_stderr_rows"], np.exp(3.0) * np.sqrt(3 / 16), rtol=1e-12)
+  rng = np.random.default_rng(0)
+  row_tokens = rng.integers(0, 40, size=(96, 3)).astype(np.float64)
+  row_ce = row_tokens * rng.uniform(2.0, 8.0, size=(96, 1)) + rng.normal(0, 3, size=(96, 3))
+  sums = _sums_from_rows(row_ce, row_tokens, batches=5)
+  for k in range(3):
+    got = perplexity.summarize(sums, k)
+    np.testing.assert_allclose(got["ce"], row_ce[:, k].sum() / row_tokens[:, k].sum(), rtol=1e-12)
+    np.testing.assert_allclose(got["ce_stderr_rows"], _ratio_se64(row_ce[:, k], row_tokens[:, k]), rtol=1e-9)
+  np.testing.assert_allclose(perplexity.summarize(sums)["ce_stderr_rows"],
+                             _ratio_se64(row_ce.sum(1), row_tokens.sum(1)), rtol=1e-9)
+
+
+def test_row_stderr_covers_correlated_tokens_where_the_token_one_does_not():
+  """Tokens share a per-row level (as tokens of one document do): over 4000 draws
+  the spread of the mean matches the row-level error, not the token-level one."""
+  rng = np.random.default_rng(1)
+  draws, rows, length = 4000, 32, 16
+  ce = rng.normal(3.0, 1.0, (draws, rows, 1)) + rng.normal(0.0, 1.0, (draws, rows, length))
+  means = ce.mean(axis=(1, 2))
+  one = ce[0]
+  sums = _sums_from_rows(one.sum(1, keepdims=True), np.full((rows, 1), float(length)), batches=4)
+  sums["ce_sq_sum"] = np.array([np.sum(one ** 2)])
+  got = perplexity.summarize(sums)
+  spread = means.std(ddof=1)  # true se: sqrt((1 + 1/16) / 32) = 0.182
+  assert abs(got["ce_stderr_rows"] / spread - 1) < 0.35
+  assert got["ce_stderr"] < 0.5 * spread  # tokens as independent: sqrt(2 / 512) = 0.0625
+
+
+def test_evaluate_row_sums_match_the_model_in_float64(trained):
+  workdir, _, _ = trained
+  restored = restore_lib.restore(workdir, mesh_shape=(1, 1, 1), devices=jax.devices()[:1])
+  dataset = runner._text_dataset(restored, runner.EvalOptions(workdir=workdir, batch_size=4))  # pylint: disable=protected-access
+  got = perplexity.summarize(perplexity.evaluate(restored, dataset, batch_size=4, max_batches=2))
+  row_ce, row_tokens = [], []
+  for step in range(2):
+    batch = dataset.batch(step, 4)
+    z = np.asarray(restored.model.apply({"params": restored.params}, batch["inputs"]), np.float64)
+    z = z - z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0] * batch["mask"]
+    row_ce.append(ce.sum(1))
+    row_tokens.append(np.asarray(batch["mask"], np.float64).sum(1))
+  row_ce, row_tokens = np.concatenate(row_ce), np.concatenate(row_tokens)
+  np.testing.assert_allclose(got["ce"], row_ce.sum() / row_tokens.sum(), rtol=1e-5)
+  np.testing.assert_allclose(got["ce_stderr_rows"], _ratio_se64(row_ce, row_tokens), rtol=1e-3)
