@@ -37,6 +37,12 @@ is then a free reshape, no copy of the hidden states or of the unembedding is
 made, and when tokens are sharded in contiguous runs over the data-parallel
 devices (and the vocabulary over the tensor axis), every block stays spread
 over all devices while the loop indexes an unsharded axis.
+
+With `shard_axes` (the mesh axes the tokens are split over) the running
+d kernel keeps one partial sum per token shard, [P, d, V] with P sharded like
+the tokens: each device adds its own tokens' hidden^T @ dz, and the P partial
+sums are added once after the loop, where a single [d, V] contraction per
+block would be all-reduced over the devices in every block.
 """
 
 import dataclasses
@@ -82,6 +88,25 @@ def _put(x: jax.Array, value: jax.Array, index, axis: int) -> jax.Array:
   return jax.lax.dynamic_update_index_in_dim(x, value.astype(x.dtype), index, axis)
 
 
+def _token_shards(shard_axes: tuple[str, ...], block_rows: int) -> tuple[int, tuple[str, ...]]:
+  """(P, axes): how many shards of the current mesh the tokens of a block
+  fall into; (1, ()) without a mesh or when a block does not divide evenly."""
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = tuple(a for a in shard_axes if not mesh.empty and a in mesh.axis_names)
+  count = math.prod(mesh.shape[a] for a in axes) if axes else 1
+  if count == 1 or block_rows % count:
+    return 1, ()
+  return count, axes
+
+
+def _constrain_shards(x: jax.Array, spec: "_Spec") -> jax.Array:
+  """Places the leading (P) axis of `x` on the token shards' mesh axes."""
+  if spec.token_shards == 1:
+    return x
+  rest = (jax.sharding.PartitionSpec.UNCONSTRAINED,) * (x.ndim - 1)
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(spec.shard_axes, *rest))
+
+
 @dataclasses.dataclass(frozen=True)
 class _Spec:
   """The static settings of one fused loss (hashable, for custom_vjp)."""
@@ -91,6 +116,8 @@ class _Spec:
   token_blocks: int
   vocab_blocks: int
   dtype: Any
+  token_shards: int = 1  # P: partial sums of d kernel, one per token shard.
+  shard_axes: tuple[str, ...] = ()  # Mesh axes the tokens (and P) are split over.
 
 
 def _stats_update(carry, z: jax.Array, cols: jax.Array, y: jax.Array):
@@ -122,7 +149,7 @@ def _token_block(h, y, mask, w_split, vocab: int, spec: _Spec, d_kernel=None):
     w_split: [d, Bv, nvb] the unembedding split into strided vocabulary
       blocks, or [d, V] with a single block.
     d_kernel: None, or the running d numerator / d kernel float32, shaped as
-      `w_split`.
+      [P, *w_split.shape]: one partial sum per token shard.
 
   Returns:
     (ce [Bt], entropy [Bt]) float32, and with `d_kernel` also
@@ -156,10 +183,14 @@ def _token_block(h, y, mask, w_split, vocab: int, spec: _Spec, d_kernel=None):
     dz = g[:, None] * jnp.exp(z - lse[:, None]) - jnp.where(cols[None, :] == y[:, None], g[:, None], 0.0)
     dz = dz.astype(spec.dtype)  # (Bt, Bv)
     dh = dh + jnp.dot(dz, w.T, preferred_element_type=jnp.float32)  # (Bt, d)
-    dw = jnp.dot(h.astype(spec.dtype).T, dz, preferred_element_type=jnp.float32)  # (d, Bv)
+    p = spec.token_shards
+    # Each token shard's own contribution: no sum across devices inside the loop.
+    dw = jnp.einsum("pnd,pnv->pdv", h.astype(spec.dtype).reshape(p, -1, h.shape[1]), dz.reshape(p, -1, bv),
+                    preferred_element_type=jnp.float32)  # (P, d, Bv)
+    dw = _constrain_shards(dw, spec)
     if nvb == 1:
       return dh, d_kernel + dw
-    return dh, _put(d_kernel, _take(d_kernel, j, 2) + dw, j, 2)
+    return dh, _put(d_kernel, _take(d_kernel, j, 3) + dw, j, 3)
 
   init = (jnp.zeros(h.shape, jnp.float32), d_kernel)
   if nvb == 1:
@@ -194,10 +225,11 @@ def _forward(hidden, kernel, targets, mask, spec: _Spec, with_grads: bool):
   if not with_grads:
     ce, entropy = jax.lax.fori_loop(0, spec.token_blocks, body, per_token)
     return ce.reshape(-1)[:n], entropy.reshape(-1)[:n]
-  grads = (jnp.zeros(h_split.shape, hidden.dtype), jnp.zeros(w_split.shape, jnp.float32))
+  d_kernel = _constrain_shards(jnp.zeros((spec.token_shards, *w_split.shape), jnp.float32), spec)
+  grads = (jnp.zeros(h_split.shape, hidden.dtype), d_kernel)
   (ce, entropy), (d_hidden, d_kernel) = jax.lax.fori_loop(0, spec.token_blocks, body, (per_token, grads))
   d_hidden = d_hidden.reshape(-1, hidden.shape[1])[:n]
-  d_kernel = d_kernel.reshape(kernel.shape[0], -1)[:, :vocab].astype(kernel.dtype)
+  d_kernel = d_kernel.sum(0).reshape(kernel.shape[0], -1)[:, :vocab].astype(kernel.dtype)
   return (ce.reshape(-1)[:n], entropy.reshape(-1)[:n]), (d_hidden, d_kernel)
 
 
@@ -231,7 +263,8 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 def chunked_loss_sums(name: str, hidden: jax.Array, kernel: jax.Array, targets: jax.Array, mask: jax.Array,
                       *, gamma: float = 1.0, sigma: float = 1.0, block_size: int = 256,
-                      vocab_block_size: int = 0, dtype: Any = None) -> dict[str, jax.Array]:
+                      vocab_block_size: int = 0, dtype: Any = None,
+                      shard_axes: tuple[str, ...] = ()) -> dict[str, jax.Array]:
   """`losses.loss_sums(name, hidden @ kernel, targets, mask, ...)` without the logits.
 
   Args:
@@ -245,6 +278,9 @@ def chunked_loss_sums(name: str, hidden: jax.Array, kernel: jax.Array, targets: 
     vocab_block_size: vocabulary columns per block; 0 = the whole vocabulary.
     dtype: dtype of the matmul inputs (accumulation is float32); None = the
       dtype of `hidden`.
+    shard_axes: the axes of the current mesh (`jax.set_mesh`) that the
+      tokens are split over, in contiguous runs; the kernel gradient then
+      accumulates per shard and is summed over devices once. () = one sum.
 
   Returns:
     The dict of float32 scalar sums of `losses.reduce_token_losses`; only
@@ -253,8 +289,10 @@ def chunked_loss_sums(name: str, hidden: jax.Array, kernel: jax.Array, targets: 
   if name not in losses.LOSS_NAMES:
     raise ValueError(f"loss.name must be one of {losses.LOSS_NAMES}, got {name!r}")
   flat = hidden.reshape(-1, hidden.shape[-1])
-  spec = _Spec(name, float(gamma), float(sigma), _num_blocks(flat.shape[0], block_size),
-               _num_blocks(kernel.shape[1], vocab_block_size), jnp.dtype(hidden.dtype if dtype is None else dtype))
+  token_blocks = _num_blocks(flat.shape[0], block_size)
+  spec = _Spec(name, float(gamma), float(sigma), token_blocks, _num_blocks(kernel.shape[1], vocab_block_size),
+               jnp.dtype(hidden.dtype if dtype is None else dtype),
+               *_token_shards(shard_axes, -(-flat.shape[0] // token_blocks)))
   targets, mask = targets.reshape(-1), mask.reshape(-1).astype(jnp.float32)
   numerator, ce, entropy = _fused(flat, kernel, targets, mask, spec)
   sums = losses.reduce_token_losses(name, jax.lax.stop_gradient(ce), jax.lax.stop_gradient(entropy), mask,

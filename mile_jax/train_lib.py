@@ -96,7 +96,8 @@ def loss_sums_fn(params, batch, *, model: nn.Module, loss_config: Any) -> dict[s
   return fused_loss.chunked_loss_sums(
       loss_config.name, out, kernel, batch["targets"], batch["mask"], gamma=loss_config.gamma,
       sigma=loss_config.sigma, block_size=loss_config.block_size,
-      vocab_block_size=loss_config.vocab_block_size, dtype=model.cfg.compute_dtype)
+      vocab_block_size=loss_config.vocab_block_size, dtype=model.cfg.compute_dtype,
+      shard_axes=sharding.BATCH_AXES)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,

@@ -3,6 +3,7 @@ path: values and gradients w.r.t. hidden states and unembedding, odd sizes,
 masks, bfloat16, large logits and an 8-device mesh."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -51,11 +52,12 @@ def make_inputs(seed, lead, d, vocab, scale=1.0, pad_fraction=0.3):
 
 
 @functools.lru_cache(maxsize=None)
-def chunked_fn(name, gamma, sigma, block_size, vocab_block_size, dtype=None):
+def chunked_fn(name, gamma, sigma, block_size, vocab_block_size, dtype=None, shard_axes=()):
   """jit(value and grad of the numerator w.r.t. (hidden, kernel)), cached per setting."""
   def numerator(hidden, kernel, targets, mask):
     sums = fused_loss.chunked_loss_sums(name, hidden, kernel, targets, mask, gamma=gamma, sigma=sigma,
-                                        block_size=block_size, vocab_block_size=vocab_block_size, dtype=dtype)
+                                        block_size=block_size, vocab_block_size=vocab_block_size, dtype=dtype,
+                                        shard_axes=shard_axes)
     return sums["loss_numerator"], sums
   return jax.jit(jax.grad(numerator, argnums=(0, 1), has_aux=True))
 
@@ -134,12 +136,15 @@ def test_equals_naive_path(name):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))))
 
 
-def test_sharded_inputs_on_eight_devices():
-  """Tokens over (data, fsdp), vocabulary over tensor: same values and gradients as one device."""
+@pytest.mark.parametrize("vocab_block_size,shard_axes", [(40, ()), (40, ("data", "fsdp")), (0, ("data", "fsdp"))])
+def test_sharded_inputs_on_eight_devices(vocab_block_size, shard_axes):
+  """Tokens over (data, fsdp), vocabulary over tensor: same values and gradients as one device,
+  with the kernel gradient summed per block or per token shard."""
   mesh = sharding.make_mesh((2, 2, 2))
   hidden, kernel, targets, mask = make_inputs(4, (8, 24), 16, 200, scale=4.0)
-  fn = chunked_fn("mile", 1.0, 1.0, 32, 40)
-  want_grads, want = fn(hidden, kernel, targets, mask)
+  fn = chunked_fn("mile", 1.0, 1.0, 32, vocab_block_size, shard_axes=shard_axes)
+  want, want_dh, want_dk = ref_sums_and_grads("mile", hidden, kernel, targets, mask, 1.0, 1.0)
+  want_grads = (want_dh, want_dk)
   tokens = NamedSharding(mesh, P(("data", "fsdp")))
   placed = (jax.device_put(hidden, tokens), jax.device_put(kernel, NamedSharding(mesh, P(None, "tensor"))),
             jax.device_put(targets, tokens), jax.device_put(mask, tokens))
@@ -181,3 +186,30 @@ def test_train_step_chunked_equals_naive(tiny_config):
 def test_bad_loss_settings_are_named(tiny_config, setting, value):
   with pytest.raises(config_lib.ConfigError, match=setting.replace(".", r"\.")):
     config_lib.validate(tiny_config(**{setting: value}))
+
+
+def test_kernel_gradient_is_summed_over_devices_once_not_per_block():
+  """With the tokens' shard axes, the loop over token blocks holds no all-reduce; one follows it."""
+  mesh = sharding.make_mesh((2, 4, 1))
+  tokens = NamedSharding(mesh, P(("data", "fsdp")))
+  args = (jax.ShapeDtypeStruct((1024, 32), jnp.float32, sharding=NamedSharding(mesh, P(("data", "fsdp"), None))),
+          jax.ShapeDtypeStruct((32, 256), jnp.float32, sharding=NamedSharding(mesh, P())),
+          jax.ShapeDtypeStruct((1024,), jnp.int32, sharding=tokens),
+          jax.ShapeDtypeStruct((1024,), jnp.float32, sharding=tokens))
+  counts = {}
+  for shard_axes in ((), ("data", "fsdp")):
+    with jax.set_mesh(mesh):
+      text = chunked_fn("mile", 1.0, 1.0, 128, 0, shard_axes=shard_axes).lower(*args).compile().as_text()
+    loop_bodies = {b.lstrip("%") for b in re.findall(r"body=(%?[\w.\-]+)", text)}
+    in_loop = total = 0
+    for computation in re.split(r"\n\n+", text.strip()):
+      # All-reduces whose result holds a [d, V] kernel gradient (the loss sums add scalars besides).
+      found = sum(1 for line in computation.splitlines()
+                  if re.search(r" all-reduce(?:-start)?\(", line)
+                  and re.search(r"f32\[(?:1,)?32,256\]", line.split(" all-reduce")[0]))
+      total += found
+      name = computation.splitlines()[0].split(" ", 1)[0].lstrip("%")
+      in_loop += found if name in loop_bodies else 0
+    counts[shard_axes] = (in_loop, total)
+  assert counts[()][0] >= 1  # One [d, V] sum per block.
+  assert counts[("data", "fsdp")] == (0, 1)
