@@ -228,19 +228,21 @@ def prepared_builder(name: str, data_dir: str, *, setting: str, download: bool =
   return builder
 
 
-def split_reader(name: str, builder, *, setting: str):
+def split_reader(name: str, builder, *, setting: str, fields: Sequence[str] | None = None):
   """A function ``split -> records`` (dicts of decoded NumPy values) for a prepared dataset.
 
   Random-access formats (array_record) are read through
   ``builder.as_data_source`` without TensorFlow; others (tfrecord) are read
   whole with ``tfds.as_numpy(builder.as_dataset(split))`` where TensorFlow is
-  importable, else ConfigError naming ``setting``.
+  importable (keeping only ``fields`` of each record in memory when given),
+  else ConfigError naming ``setting``.
   """
   tfds = _tfds()
   if builder.info.available_file_formats() & tfds.core.file_adapters.FileFormat.with_random_access():
     return builder.as_data_source
   if importlib.util.find_spec("tensorflow") is not None:
-    return lambda split: list(tfds.as_numpy(builder.as_dataset(split)))
+    keep = (lambda r: {k: r[k] for k in fields}) if fields else (lambda r: r)
+    return lambda split: [keep(r) for r in tfds.as_numpy(builder.as_dataset(split))]
   raise _needs_tensorflow(name, builder, setting)
 
 
@@ -270,7 +272,7 @@ def open_tfds(name: str, data_dir: str, *, train_split: str, val_split: str, tex
     val_split = "validation"
   if val_split:
     _check_split("data.val_split", val_split, builder)
-  read = split_reader(name, builder, setting="data.source")
+  read = split_reader(name, builder, setting="data.source", fields=(text_field,))
   train_records = read(train_split)
   key = f"tfds|{builder.info.full_name}|{builder.data_dir}|{text_field}|{train_split}"
   if val_split:
