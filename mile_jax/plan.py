@@ -111,9 +111,7 @@ def plan(config, devices: Sequence[Any], log=lambda message: None) -> Plan:
     batch = abstract_batch(config)
     log(f"compiling remat={config.model.remat} microbatches={config.train.microbatches} ...")
     start = time.perf_counter()
-    with train_lib.mesh_context(trainer.mesh, trainer.rules):
-      # The jitted step exactly as training runs it: same shardings, donated state.
-      compiled = trainer._train_step.lower(trainer.abstract_state, batch).compile()  # pylint: disable=protected-access
+    compiled = trainer.lower_train_step(batch).compile()
     seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
   state, shardings = trainer.abstract_state, trainer.state_shardings

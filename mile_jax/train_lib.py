@@ -231,6 +231,12 @@ class Trainer:
     with self._context():
       return self._train_step(state, batch)
 
+  def lower_train_step(self, abstract_batch):
+    """The jitted train step as training runs it (shardings, donated state),
+    lowered for the abstract state and `abstract_batch`; nothing is allocated."""
+    with self._context():
+      return self._train_step.lower(self.abstract_state, abstract_batch)
+
   def initial_state(self) -> TrainState:
     """The newest readable checkpoint's state (an unreadable newer one is
     reported and moved aside), else a fresh one."""

@@ -7,6 +7,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import re  # noqa: E402
 import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
@@ -35,6 +36,18 @@ def make_tiny_config(**overrides):
       node = node[part]
     node[last] = value
   return c
+
+
+def count_in_loops(hlo_text: str, is_match) -> tuple[int, int]:
+  """(in while-loop bodies, in all) of the compiled HLO's lines for which `is_match(line)` holds."""
+  bodies = {b.lstrip("%") for b in re.findall(r"body=(%?[\w.\-]+)", hlo_text)}
+  in_loop = total = 0
+  for computation in re.split(r"\n\n+", hlo_text.strip()):
+    found = sum(1 for line in computation.splitlines() if is_match(line))
+    total += found
+    if computation.splitlines()[0].split(" ", 1)[0].lstrip("%") in bodies:
+      in_loop += found
+  return in_loop, total
 
 
 @pytest.fixture

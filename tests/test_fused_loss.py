@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from conftest import count_in_loops
 from mile_jax import config_lib
 from mile_jax import fused_loss
 from mile_jax import losses
@@ -200,16 +201,9 @@ def test_kernel_gradient_is_summed_over_devices_once_not_per_block():
   for shard_axes in ((), ("data", "fsdp")):
     with jax.set_mesh(mesh):
       text = chunked_fn("mile", 1.0, 1.0, 128, 0, shard_axes=shard_axes).lower(*args).compile().as_text()
-    loop_bodies = {b.lstrip("%") for b in re.findall(r"body=(%?[\w.\-]+)", text)}
-    in_loop = total = 0
-    for computation in re.split(r"\n\n+", text.strip()):
-      # All-reduces whose result holds a [d, V] kernel gradient (the loss sums add scalars besides).
-      found = sum(1 for line in computation.splitlines()
-                  if re.search(r" all-reduce(?:-start)?\(", line)
-                  and re.search(r"f32\[(?:1,)?32,256\]", line.split(" all-reduce")[0]))
-      total += found
-      name = computation.splitlines()[0].split(" ", 1)[0].lstrip("%")
-      in_loop += found if name in loop_bodies else 0
+    # All-reduces whose result holds a [d, V] kernel gradient (the loss sums add scalars besides).
+    in_loop, total = count_in_loops(text, lambda line: re.search(r" all-reduce(?:-start)?\(", line) and re.search(
+        r"f32\[(?:1,)?32,256\]", line.split(" all-reduce")[0]))
     counts[shard_axes] = (in_loop, total)
   assert counts[()][0] >= 1  # One [d, V] sum per block.
   assert counts[("data", "fsdp")] == (0, 1)

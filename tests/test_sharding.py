@@ -1,12 +1,15 @@
 """The same step on any mesh: 1 device vs (2,2,2) and (8,1,1) of fake CPU devices."""
 
 import functools
+import re
 import types
 
 import jax
 import numpy as np
 import pytest
 
+from conftest import count_in_loops
+from mile_jax import plan
 from mile_jax import sharding
 from mile_jax import train_lib
 
@@ -119,3 +122,14 @@ def test_tensor_axis_must_stay_inside_a_process():
   interleaved = np.array([fake(i, i % 2) for i in range(8)], dtype=object)
   with pytest.raises(ValueError, match="spans processes"):
     sharding.check_tensor_axis_within_processes(interleaved.reshape(1, 4, 2))
+
+
+def test_fsdp_gathers_stay_inside_the_microbatch_loop(tiny_config):
+  """Hoisted out of the loop, every layer's gathered weights would live for the whole step."""
+  config = tiny_config(**{"mesh.shape": (1, 8, 1), "mesh.num_devices": 0, "train.microbatches": 4,
+                          "data.global_batch_size": 32})
+  trainer = train_lib.Trainer(config, "/tmp/unused-workdir")
+  text = trainer.lower_train_step(plan.abstract_batch(config)).compile().as_text()
+  in_loop, total = count_in_loops(text, lambda line: re.search(r" all-gather(?:-start)?\(", line))
+  # 2 layers x 7 matrices + embedding + unembedding, gathered for each micro-batch's forward and backward.
+  assert in_loop >= 16 and total >= in_loop
