@@ -1,69 +1,10 @@
 """Evaluates checkpoints: `python eval.py --workdir DIR --tasks ppl,buckets,piqa`.
 
-Tasks: ppl (validation perplexity), buckets (perplexity per token-frequency
-bucket), and the benchmarks hellaswag, piqa, winogrande, arc_easy,
-arc_challenge, openbookqa, siqa, boolq, mmlu, triviaqa, scored as
-lm-evaluation-harness 0.4 scores them (task documents from --task_data_dir
-files or, with --task_source=tfds or auto, from the TFDS catalog).
-`python eval.py --compare DIR_A DIR_B ...` prints saved results side by side.
+The same command as `mile-eval` once the package is installed; tasks and flags
+are documented in mile_jax/eval_cli.py.
 """
 
-import sys
-
-from absl import app
-from absl import flags
-from absl import logging
-
-from mile_jax.evaluation import report
-from mile_jax.evaluation import runner
-from mile_jax.evaluation.errors import EvalError
-
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir, its checkpoints/ or one checkpoints/<step>/.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.")
-_TASKS = flags.DEFINE_string("tasks", "ppl", "Comma-separated tasks: ppl, buckets and benchmark names.")
-_NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", None, "Few-shot examples per prompt; default 0 (MMLU 5).")
-_LIMIT = flags.DEFINE_integer("limit", 0, "Score only the first N documents of each task (sub-task); 0 = all.")
-_TASK_DATA_DIR = flags.DEFINE_string("task_data_dir", "", "Directory of <task>/<split>.jsonl task files.")
-_TASK_SOURCE = flags.DEFINE_enum("task_source", "local", ["local", "tfds", "auto"],
-                                 "Benchmark documents from local files, the TFDS catalog, or auto: local files "
-                                 "where present, else TFDS.")
-_TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", "", "TFDS data directory (local or gs://) of prepared "
-                                     "benchmark datasets; default TFDS's.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Rows per forward pass.")
-_PPL_BATCHES = flags.DEFINE_integer("ppl_batches", 0, "ppl/buckets: batches to score; 0 = the whole validation split.")
-_PPL_SOURCE = flags.DEFINE_string("ppl_source", "", "ppl/buckets: a data.source to score instead of the run's.")
-_BUCKET_HIGH = flags.DEFINE_float("bucket_high", 0.8, "buckets: share of training occurrences the high bucket covers.")
-_BUCKET_LOW = flags.DEFINE_float("bucket_low", 0.05, "buckets: share of training occurrences the low bucket covers.")
-_MAX_GEN_TOKS = flags.DEFINE_integer("max_gen_toks", 256, "Generation tasks: most new tokens per answer.")
-_MESH_SHAPE = flags.DEFINE_list("mesh_shape", ["1", "-1", "1"], "(data, fsdp, tensor) mesh over this machine's devices.")
-_OUTPUT = flags.DEFINE_string("output", "", "Result JSON path; default <workdir>/eval/step<N>_<time>.json.")
-_COMPARE = flags.DEFINE_multi_string("compare", None, "Print saved results (workdirs or JSON files) side by side.")
-
-
-def main(argv):
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  try:
-    if _COMPARE.value:
-      runs = list(_COMPARE.value) + list(argv[1:])
-      print(report.compare([report.load_run(p) for p in runs]))
-      return
-    if len(argv) > 1:
-      raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not _WORKDIR.value:
-      raise EvalError("--workdir: required (a training workdir with checkpoints)")
-    opts = runner.EvalOptions(
-        workdir=_WORKDIR.value, step=_STEP.value, tasks=_TASKS.value, num_fewshot=_NUM_FEWSHOT.value,
-        limit=_LIMIT.value, task_data_dir=_TASK_DATA_DIR.value,
-        task_source=_TASK_SOURCE.value, tfds_data_dir=_TFDS_DATA_DIR.value, batch_size=_BATCH_SIZE.value,
-        ppl_batches=_PPL_BATCHES.value, ppl_source=_PPL_SOURCE.value, bucket_high=_BUCKET_HIGH.value,
-        bucket_low=_BUCKET_LOW.value, max_gen_toks=_MAX_GEN_TOKS.value,
-        mesh_shape=tuple(int(s) for s in _MESH_SHAPE.value), output=_OUTPUT.value)
-    runner.evaluate_and_report(opts)
-  except EvalError as e:
-    print(f"Eval error: {e}", file=sys.stderr)
-    sys.exit(2)
-
+from mile_jax import eval_cli
 
 if __name__ == "__main__":
-  app.run(main)
+  eval_cli.run()

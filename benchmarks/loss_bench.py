@@ -62,7 +62,8 @@ def make_fn(loss_name, blocks, dtype):
   """jit((hidden, kernel, targets, mask) -> (sums, d hidden, d kernel))."""
   def numerator(hidden, kernel, targets, mask):
     if blocks is None:
-      logits = jnp.dot(hidden.astype(dtype), kernel.astype(dtype))  # (N, V) in dtype, as the model does
+      # (N, V) float32: inputs in dtype, float32 accumulation and output, as the model's lm_head.
+      logits = jnp.dot(hidden.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
       sums = losses.loss_sums(loss_name, logits, targets, mask)
     else:
       sums = fused_loss.chunked_loss_sums(loss_name, hidden, kernel, targets, mask, block_size=blocks[0],

@@ -1,9 +1,9 @@
 """Whole train-step time of MiLe vs focal vs cross-entropy, tokens/s and MFU.
 
-Every variant (loss x loss implementation x remat policy x compute dtype) is
-compiled first, then timed in interleaved repetitions (the variant order
-rotates each repetition); each repetition times --steps consecutive steps and
-the table reports the median step time. Model FLOPs per token are
+Every variant (loss x loss implementation x remat policy x compute dtype x
+attention kernel) is compiled first, then timed in interleaved repetitions
+(the variant order rotates each repetition); each repetition times --steps
+consecutive steps and the table reports the median step time. Model FLOPs per token are
 `model.flops_per_token` (6 x matmul parameters plus causal attention). MFU is
 reported against this machine's float32 (or --dtype) matmul rate measured
 here with a large `jnp.dot`, and against the device's bf16 peak where
@@ -13,6 +13,8 @@ here with a large `jnp.dot`, and against the device's bf16 peak where
     python benchmarks/step_bench.py --model=50m --remat none full --dtype float32 bfloat16
     python benchmarks/step_bench.py --loop        # host overhead: log every step vs every 50
     python benchmarks/step_bench.py --model=468m --dtype=bfloat16 --remat=full --batch=16 --reps=5   # a GPU
+    python benchmarks/step_bench.py --model=468m --dtype=bfloat16 --losses=mile --impl=chunked \
+        --attention xla cudnn --batch=16 --reps=5   # attention kernels on a GPU (docs/attention.md)
 """
 
 import argparse
@@ -46,6 +48,8 @@ def parse_args(argv=None):
   p.add_argument("--impl", nargs="+", default=["naive", "chunked"])
   p.add_argument("--remat", nargs="+", default=None, help="remat policies (default: the config's)")
   p.add_argument("--dtype", nargs="+", default=None, help="compute dtypes (default: the config's)")
+  p.add_argument("--attention", nargs="+", default=None,
+                 help="attention kernels: auto xla splash cudnn (default: the config's)")
   p.add_argument("--batch", type=int, default=0, help="global batch (default: the config's, 8 for 50m)")
   p.add_argument("--seq", type=int, default=0, help="sequence length (default: the config's)")
   p.add_argument("--block_size", type=int, default=0, help="loss.block_size for chunked (default: config)")
@@ -128,6 +132,7 @@ def step_table(args):
   base = base_config(args)
   remats = args.remat or [base.model.remat]
   dtypes = args.dtype or [base.model.dtype]
+  attentions = args.attention or [base.model.attention]
   mcfg = model_lib.DecoderConfig.from_config(base.model)
   params = model_lib.count_params(model_lib.abstract_params(mcfg))
   tokens = base.data.global_batch_size * base.data.seq_len
@@ -135,10 +140,10 @@ def step_table(args):
         f"{tokens} tokens/step")
   device_peak = metrics_lib.peak_flops_per_device() * jax.device_count()
   variants = {}
-  for loss, impl, remat, dtype in itertools.product(args.losses, args.impl, remats, dtypes):
+  for loss, impl, remat, dtype, attention in itertools.product(args.losses, args.impl, remats, dtypes, attentions):
     c = base.copy_and_resolve_references()
-    c.loss.name, c.loss.impl, c.model.remat, c.model.dtype = loss, impl, remat, dtype
-    variants[(loss, impl, remat, dtype)] = build(c)
+    c.loss.name, c.loss.impl, c.model.remat, c.model.dtype, c.model.attention = loss, impl, remat, dtype, attention
+    variants[(loss, impl, remat, dtype, attention)] = build(c)
   flops_token = model_lib.flops_per_token(model_lib.DecoderConfig.from_config(base.model), base.data.seq_len)
   times = {k: [] for k in variants}
   matmul = {d: [] for d in dtypes}
@@ -152,27 +157,28 @@ def step_table(args):
   for d, f in peaks.items():
     print(f"measured {d} matmul (4096^3 jnp.dot, median): {f / 1e9:.1f} GFLOP/s")
   rows = []
-  for (loss, impl, remat, dtype), ts in times.items():
+  for (loss, impl, remat, dtype, attention), ts in times.items():
     t = float(np.median(ts))
-    ce = _median(times, ("cross_entropy", impl, remat, dtype))
-    ce_naive = _median(times, ("cross_entropy", "naive", remat, dtype))
+    ce = _median(times, ("cross_entropy", impl, remat, dtype, attention))
+    ce_naive = _median(times, ("cross_entropy", "naive", remat, dtype, attention))
     flops = flops_token * tokens / t
-    rows.append({"loss": loss, "impl": impl, "remat": remat, "dtype": dtype, "step_s": t,
+    rows.append({"loss": loss, "impl": impl, "remat": remat, "dtype": dtype, "attention": attention, "step_s": t,
                  "vs_ce": None if ce is None else t / ce, "vs_ce_naive": None if ce_naive is None else t / ce_naive,
                  "tokens_per_s": tokens / t,
-                 "temp_bytes": variants[(loss, impl, remat, dtype)]["temp"],
+                 "temp_bytes": variants[(loss, impl, remat, dtype, attention)]["temp"],
                  "flops_per_token": flops_token, "mfu_measured": flops / peaks[dtype],
                  "mfu_device_peak": flops / device_peak if device_peak else None, "times": ts})
   print(f"model FLOPs per token: {flops_token / 1e6:.1f}M")
-  print("| loss | impl | remat | dtype | step (s) | / CE same impl | / CE naive | tokens/s | temp | MFU (measured matmul) "
-        "| MFU (bf16 peak) |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  print("| loss | impl | remat | dtype | attention | step (s) | / CE same impl | / CE naive | tokens/s | temp "
+        "| MFU (measured matmul) | MFU (bf16 peak) |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     vs = "-" if r["vs_ce"] is None else f"{r['vs_ce']:.3f}"
     vs_naive = "-" if r["vs_ce_naive"] is None else f"{r['vs_ce_naive']:.3f}"
     peak = "-" if r["mfu_device_peak"] is None else f"{100 * r['mfu_device_peak']:.1f}%"
-    print(f"| {r['loss']} | {r['impl']} | {r['remat']} | {r['dtype']} | {r['step_s']:.3f} | {vs} | {vs_naive} | "
-          f"{r['tokens_per_s']:,.0f} | {r['temp_bytes'] / 2**20:,.0f} MiB | {100 * r['mfu_measured']:.1f}% | {peak} |")
+    print(f"| {r['loss']} | {r['impl']} | {r['remat']} | {r['dtype']} | {r['attention']} | {r['step_s']:.3f} | {vs} "
+          f"| {vs_naive} | {r['tokens_per_s']:,.0f} | {r['temp_bytes'] / 2**20:,.0f} MiB "
+          f"| {100 * r['mfu_measured']:.1f}% | {peak} |")
   return rows
 
 

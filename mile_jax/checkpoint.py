@@ -10,16 +10,32 @@ A checkpoint `<dir>/<step>/` holds three items:
 
 Orbax writes a step into a temporary directory and renames it when complete,
 so a process killed while saving leaves no half checkpoint among the steps.
-A step that is listed but cannot be read is moved aside to
-`<dir>/<step>.unreadable` (never deleted) and the previous one restored.
+A step that is listed but shown to be damaged when read (see
+`Checkpointer.damage_reason`) is moved aside to `<dir>/<step>.unreadable`
+(never deleted) and the previous one restored; any other failure to read it
+(out of memory, a timeout of the object store) is raised and nothing moves.
+
+A failed save raises CheckpointError naming the step, the reason and the last
+complete checkpoint: Orbax deletes old steps only once a new one is complete,
+so the steps saved before are intact.
+
+Orbax reports one failed read or write many times over from its background
+threads: tracebacks of the same error, and "Event loop is closed" from reads
+or writes abandoned by the failure. The CheckpointError or the fallback
+warning says what failed, so those echoes are dropped (`_quiet_orbax_echoes`).
 """
 
 import base64
 import hashlib
+import json
 import logging
+import os
+import re
+import sys
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -27,10 +43,18 @@ from mile_jax import config_lib
 from mile_jax import workdir as workdir_lib
 
 UNREADABLE_SUFFIX = ".unreadable"
+# TensorStore status codes that describe the files themselves: cut short, garbled, missing.
+_DAMAGE_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION")
+_DAMAGE_TYPES = (FileNotFoundError, NotADirectoryError, UnicodeDecodeError, json.JSONDecodeError)
+# Failures of the reader, not of the files: another try may succeed.
+_TRANSIENT_CODES = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "CANCELLED")
+_TRANSIENT_TYPES = (MemoryError, TimeoutError, ConnectionError)
+# What restore_latest's processes report of one step.
+_RESTORED, _DAMAGED, _FAILED = 0, 1, 2
 
 
 class CheckpointError(RuntimeError):
-  """Checkpoints exist but none can be restored."""
+  """A checkpoint could not be saved, or checkpoints exist and none can be restored."""
 
 
 class Checkpointer:
@@ -48,6 +72,8 @@ class Checkpointer:
     handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler()}
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    self._pending = None  # The step whose save may still be running in the background.
+    _quiet_orbax_echoes()
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -62,24 +88,63 @@ class Checkpointer:
     return final or step % self.every_steps == 0
 
   def save(self, step: int, state: Any, config_json: dict | None = None, meta: dict | None = None) -> None:
-    """Starts saving `state` at `step` (asynchronously where enabled).
+    """Starts saving `state` at `step` (asynchronously where enabled) once the
+    previous save is complete.
 
-    Orbax deletes the oldest steps beyond `max_to_keep` only once this one is
-    complete, so the last good checkpoint survives a failed save.
+    `state` may be donated to the next step meanwhile: a buffer Orbax still
+    reads is copied rather than reused. Orbax deletes the oldest steps beyond
+    `max_to_keep` only once this one is complete, so the last good checkpoint
+    survives a failed save.
+
+    Raises:
+      CheckpointError: this save or the previous one failed.
     """
+    self._finish_pending()
     items = {"state": ocp.args.StandardSave(state)}
     if config_json is not None:
       items["config"] = ocp.args.JsonSave(config_json)
     if meta is not None:
       items["meta"] = ocp.args.JsonSave(meta)
-    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    try:
+      self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(step, e) from e
+    self._pending = step
+
+  def _finish_pending(self) -> None:
+    """Waits for the save in progress; raises CheckpointError if it failed."""
+    step, self._pending = self._pending, None
+    if step is None:
+      return
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(step, e) from e
+
+  def _save_error(self, step: int, error: BaseException) -> CheckpointError:
+    try:
+      self._manager.reload()  # Forgets the failed step, which Orbax listed when the save began.
+      latest = self._manager.latest_step()
+      last = (f"the last complete checkpoint is {self.step_path(latest)}" if latest is not None
+              else "no checkpoint is complete")
+    except Exception as e:  # pylint: disable=broad-except
+      last = f"{self.directory} cannot be listed ({describe_error(e)})"
+    return CheckpointError(f"could not save step {step} to {self.step_path(step)} ({describe_error(error)}); {last}")
 
   def restore(self, step: int, abstract_state: Any) -> Any:
-    """Restores the state at `step` with the shardings of `abstract_state`'s leaves."""
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    """Restores the state at `step` with the shardings of `abstract_state`'s leaves.
+
+    Every process reads its own shards with no barrier among processes, so
+    that a failure on one leaves no other waiting (see `restore_latest`).
+    """
+    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                               active_processes={jax.process_index()})
+    handler = ocp.StandardCheckpointHandler(multiprocessing_options=alone)
+    with ocp.Checkpointer(handler, multiprocessing_options=alone) as reader:
+      state = reader.restore(workdir_lib.join(self.step_path(step), "state"),
+                             args=ocp.args.StandardRestore(abstract_state))
     logging.info("Restored checkpoint %s", self.step_path(step))
-    return restored["state"]
+    return state
 
   def restore_params(self, step: int, abstract_params: Any) -> Any:
     """Restores only the state's `params` subtree at `step`, with the shardings
@@ -99,8 +164,7 @@ class Checkpointer:
     if not saved:
       raise CheckpointError(f"checkpoint {self.step_path(step)}: no parameters in the metadata of its state "
                             f"({workdir_lib.join(self.step_path(step), 'state')})")
-    wanted = {f"params/{_path_name(path)}": tuple(leaf.shape)
-              for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params)}
+    wanted = tree_shapes({"params": abstract_params})
     if saved != wanted:
       raise config_lib.ConfigError(f"checkpoint {self.step_path(step)} holds other parameters than this model "
                                    f"({_first_difference(saved, wanted)})")
@@ -114,29 +178,78 @@ class Checkpointer:
   def restore_latest(self, abstract_state: Any, warn=logging.warning) -> tuple[int, Any] | None:
     """(step, state) of the newest readable checkpoint, or None if there is none.
 
-    An unreadable step is reported through `warn`, naming it and the step
-    restored instead, and moved aside. Raises CheckpointError if steps exist
-    but none can be read.
+    Every process tries the same steps, process 0's, newest first, and all
+    act on what all found: a step restored by every process is resumed from;
+    one shown damaged on any process (`damage_reason`) is reported through
+    `warn`, naming it and the step restored instead, and moved aside.
+
+    Raises:
+      CheckpointError: a step failed to restore on some process without being
+        shown damaged (nothing is moved), or steps exist but all are damaged.
     """
-    failures = []
-    for step in reversed(self.all_steps()):
+    damaged = []  # (step, why)
+    for step in self._steps_of_process_0():
+      state, failure, why = None, None, None
       try:
         state = self.restore(step, abstract_state)
       except Exception as e:  # pylint: disable=broad-except
-        # Orbax and TensorStore raise ValueError, KeyError, FileNotFoundError... for damaged files.
-        failures.append((step, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
+        failure, why = e, self.damage_reason(step, e, abstract_state)
+      outcome = _RESTORED if failure is None else _FAILED if why is None else _DAMAGED
+      outcomes = _from_every_process(outcome)
+      if (outcomes == _FAILED).any():
+        reason = (describe_error(failure) if outcome == _FAILED
+                  else f"on process {int(np.argmax(outcomes == _FAILED))}: see its output")
+        raise CheckpointError(
+            f"could not read checkpoint {self.step_path(step)} ({reason}); nothing shows that it is damaged, "
+            f"so it is left in place: run again once that is resolved, or move it away to resume from the "
+            f"one before") from failure
+      if (outcomes == _DAMAGED).any():
+        damaged.append((step, why or f"unreadable on process {int(np.argmax(outcomes == _DAMAGED))}"))
         continue
-      if failures:
-        bad = ", ".join(f"{self.step_path(s)} ({why})" for s, why in failures)
+      if damaged:
+        bad = ", ".join(f"{self.step_path(s)} ({why})" for s, why in damaged)
         warn(f"Checkpoint {bad} is unreadable; restored the previous one, {self.step_path(step)}, "
-             f"instead. The unreadable one is kept as {self.step_path(failures[0][0])}{UNREADABLE_SUFFIX}")
-        self._move_aside([s for s, _ in failures])
+             f"instead. The unreadable one is kept as {self.step_path(damaged[0][0])}{UNREADABLE_SUFFIX}")
+        self._move_aside([s for s, _ in damaged])
       return step, state
-    if failures:
-      detail = "; ".join(f"step {s}: {why}" for s, why in failures)
+    if damaged:
+      detail = "; ".join(f"step {s}: {why}" for s, why in damaged)
       raise CheckpointError(f"no readable checkpoint in {self.directory} ({detail}). Move that directory "
-                         "away to start afresh")
+                            "away to start afresh")
     return None
+
+  def damage_reason(self, step: int, error: BaseException, abstract_state: Any) -> str | None:
+    """Why checkpoint `step`, whose restore raised `error`, is damaged; None
+    when nothing shows that it is (memory, a timeout, the network: another
+    try may read it).
+
+    Shown damaged: the state's metadata cannot be read or lists other arrays
+    than `abstract_state` (another model's checkpoint was refused before, by
+    `check_compatible`), or the error says a file is missing, cut short or
+    garbled.
+    """
+    if _is_transient(error):
+      return None
+    try:
+      saved = self.state_shapes(step)
+    except Exception as e:  # pylint: disable=broad-except
+      return f"its metadata: {describe_error(e)}" if _shows_damage(e) else None
+    wanted = tree_shapes(abstract_state)
+    if saved != wanted:
+      return f"its metadata does not match the state ({len(saved)} arrays listed, {len(wanted)} expected)"
+    return describe_error(error) if _shows_damage(error) else None
+
+  def _steps_of_process_0(self) -> list[int]:
+    """Process 0's steps, newest first, on every process."""
+    steps = self.all_steps()[::-1]
+    if jax.process_count() == 1:
+      return steps
+    count = int(multihost_utils.broadcast_one_to_all(np.int32(len(steps))))
+    if count == 0:
+      return []
+    mine = np.zeros(count, np.int32)
+    mine[:min(count, len(steps))] = steps[:count]
+    return [int(s) for s in multihost_utils.broadcast_one_to_all(mine)]
 
   def _move_aside(self, steps: list[int]) -> None:
     """Renames unreadable steps so that Orbax neither lists nor overwrites nor deletes them."""
@@ -152,11 +265,15 @@ class Checkpointer:
     self._manager.reload()
 
   def wait(self) -> None:
-    """Blocks until the save in progress (if any) is complete."""
-    self._manager.wait_until_finished()
+    """Blocks until the save in progress (if any) is complete.
+
+    Raises:
+      CheckpointError: that save failed.
+    """
+    self._finish_pending()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self._finish_pending()
     self._manager.close()
 
   def restore_config(self, step: int) -> dict:
@@ -166,11 +283,14 @@ class Checkpointer:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def state_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
-    """{'params/…/kernel': shape} of the state saved at `step`, from its metadata only."""
-    tree = self._manager.item_metadata(step)["state"]
-    tree = getattr(tree, "tree", tree)
-    return {_path_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
-            if hasattr(leaf, "shape")}
+    """{'params/…/kernel': shape} of the state saved at `step`, from its
+    metadata only; empty when the step has no `state` item."""
+    metadata = self._manager.item_metadata(step)
+    try:
+      tree = metadata["state"]
+    except KeyError:
+      return {}
+    return tree_shapes(getattr(tree, "tree", tree))
 
   def check_compatible(self, abstract_state: Any, config_json: dict) -> None:
     """Raises ConfigError if the newest checkpoint's arrays differ in shape from `abstract_state`.
@@ -188,8 +308,7 @@ class Checkpointer:
       return
     if not saved:
       return
-    wanted = {_path_name(path): tuple(leaf.shape)
-              for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state)}
+    wanted = tree_shapes(abstract_state)
     if saved == wanted:
       return
     diffs = []
@@ -230,6 +349,13 @@ def _first_difference(saved: dict[str, tuple], wanted: dict[str, tuple]) -> str:
   return f"{name} has shape {saved[name]} there, {wanted[name]} in this model"
 
 
+def tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{'params/…/kernel': shape} of the leaves of `tree` that have a shape
+  (arrays, ShapeDtypeStructs, Orbax's array metadata)."""
+  return {_path_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+          if hasattr(leaf, "shape")}
+
+
 def _path_name(path) -> str:
   parts = []
   for entry in path:
@@ -240,6 +366,103 @@ def _path_name(path) -> str:
       name = getattr(entry, "idx", entry)
     parts.append(str(name))
   return "/".join(parts)
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+  """`error` and the exceptions it was raised from or during, outermost first."""
+  chain = []
+  while error is not None and error not in chain:
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  return chain
+
+
+def _status(error: BaseException) -> str | None:
+  """The status code a TensorStore or XLA error message starts with ("DATA_LOSS: ...")."""
+  match = re.match(r"([A-Z][A-Z_]+): ", str(error))
+  return match.group(1) if match else None
+
+
+def _is_transient(error: BaseException) -> bool:
+  return any(isinstance(e, _TRANSIENT_TYPES) or _status(e) in _TRANSIENT_CODES for e in _chain(error))
+
+
+def _shows_damage(error: BaseException) -> bool:
+  """Whether `error` says that a file is missing, cut short or garbled (and nothing transient)."""
+  return not _is_transient(error) and any(
+      isinstance(e, _DAMAGE_TYPES) or _status(e) in _DAMAGE_CODES for e in _chain(error))
+
+
+def describe_error(error: BaseException) -> str:
+  """A short reason for a failed read or write: the operating system's words
+  where a cause has them, else the first line of the innermost cause."""
+  chain = _chain(error)
+  for e in chain:
+    if isinstance(e, OSError) and e.strerror:
+      return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    code = re.search(r"os_error_code='?(\d+)", str(e))  # TensorStore's words for an OSError.
+    if code:
+      return os.strerror(int(code.group(1)))
+  inner = chain[-1]
+  first = str(inner).splitlines()[0][:300] if str(inner) else ""
+  return f"{type(inner).__name__}: {first}" if first else type(inner).__name__
+
+
+def _from_every_process(value: int) -> np.ndarray:
+  """int32 [process_count]: `value` of every process, the same array on all."""
+  if jax.process_count() == 1:
+    return np.array([value], np.int32)
+  return np.asarray(multihost_utils.process_allgather(np.int32(value))).reshape(-1)
+
+
+def _raised_in_orbax(error: BaseException) -> bool:
+  for e in _chain(error):
+    tb = e.__traceback__
+    while tb is not None:
+      if _in_orbax(tb.tb_frame.f_code.co_filename):
+        return True
+      tb = tb.tb_next
+  return False
+
+
+def _in_orbax(filename: str) -> bool:
+  return f"{os.sep}orbax{os.sep}checkpoint{os.sep}" in filename
+
+
+def _is_echo(error: BaseException | None) -> bool:
+  """An Orbax error reported again where nobody can act on it: an error of an
+  Orbax task or TensorStore future that nobody retrieved once the operation
+  had failed, or "Event loop is closed" from a read or write it abandoned."""
+  if error is None:
+    return False
+  return (isinstance(error, RuntimeError) and str(error) == "Event loop is closed") or (
+      _status(error) is not None or _raised_in_orbax(error))
+
+
+class _OrbaxEchoFilter(logging.Filter):
+  """Drops Orbax's logged tracebacks (absl, ERROR) of failures it raises to its
+  caller, and asyncio's reports of Orbax tasks whose error was never retrieved."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    if record.name == "asyncio":
+      return not _is_echo(error)
+    return not (error is not None and record.levelno >= logging.ERROR and _in_orbax(record.pathname))
+
+
+def _quiet_orbax_echoes() -> None:
+  """Installs, once per process, the filters of `_is_echo` and `_OrbaxEchoFilter`."""
+  previous = sys.unraisablehook
+  if not getattr(previous, "drops_orbax_echoes", False):
+    def unraisablehook(unraisable):
+      if not _is_echo(unraisable.exc_value):
+        previous(unraisable)
+    unraisablehook.drops_orbax_echoes = True
+    sys.unraisablehook = unraisablehook
+  for name in ("absl", "asyncio"):
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _OrbaxEchoFilter) for f in logger.filters):
+      logger.addFilter(_OrbaxEchoFilter())
 
 
 def tokenizer_meta(serialized_model: bytes) -> dict:

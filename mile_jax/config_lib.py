@@ -8,12 +8,19 @@ raises `ConfigError` with one line naming the setting to fix.
 import math
 import numbers
 
+import jax
 import ml_collections
 
+from mile_jax import attention as attention_lib
+from mile_jax import hf_layout
 from mile_jax import losses
 from mile_jax import model as model_lib
+from mile_jax.data import corpus as corpus_lib
+from mile_jax.data import mixture as mixture_lib
+from mile_jax.data import tokenizer as tokenizer_lib
+from mile_jax.errors import ConfigError  # Also reached as config_lib.ConfigError.
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16")
 LOSS_IMPLS = ("naive", "chunked")
 
 # Logical axis -> mesh axes. Parameters use the plain names, activations the
@@ -36,10 +43,6 @@ DEFAULT_RULES = (
 )
 
 
-class ConfigError(ValueError):
-  """A config value that cannot work; the message names the setting."""
-
-
 def base_config() -> ml_collections.ConfigDict:
   """Every field with a default; a tiny model on the built-in corpus."""
   c = ml_collections.ConfigDict()
@@ -56,8 +59,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.rope_theta = 10000.0  # RoPE base frequency.
   c.model.norm_eps = 1e-5  # RMSNorm epsilon.
   c.model.init_std = 0.01  # Std of every weight's normal initialiser (the paper's 0.01).
-  c.model.dtype = "float32"  # Compute dtype: float32, bfloat16 or float16. Params stay float32.
+  c.model.dtype = "float32"  # Compute dtype: float32 or bfloat16 (no float16: no loss scaling). Params stay float32.
   c.model.remat = "none"  # Rematerialisation per block: none, full, dots, dots_no_batch.
+  # Attention kernel (docs/attention.md): xla, splash (Pallas TPU kernel; interpret mode off TPU),
+  # cudnn (NVIDIA GPU, bfloat16), or auto: splash on TPU, cudnn on GPU where it can, else xla.
+  c.model.attention = "auto"
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "mile"  # mile, focal or cross_entropy.
@@ -68,7 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.vocab_block_size = 0  # chunked: vocabulary columns per block with an online logsumexp; 0 = whole vocabulary.
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "builtin:pydocs"  # Corpus; see the README for the sources.
+  c.data.source = "builtin:pydocs"  # Corpus (docs/data.md); "mix:[name=]source@weight,..." mixes several.
   c.data.seq_len = 128  # Tokens per training row (targets are shifted by one).
   c.data.global_batch_size = 16  # Rows per step across all devices and processes.
   c.data.val_fraction = 0.05  # Fraction of documents held out for validation.
@@ -108,10 +114,30 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.steps = 300  # Total optimizer steps.
   c.train.microbatches = 1  # Gradient accumulation: micro-batches per step.
   c.train.log_every = 25  # Steps between metric logs (the only host syncs).
-  c.train.eval_every = 100  # Steps between validation evaluations; 0 disables.
+  c.train.eval_every = 100  # Steps between validation evaluations (loss, per-frequency-bucket perplexity); 0 disables.
   c.train.eval_batches = 8  # Validation batches per evaluation.
   c.train.peak_flops_per_device = 0.0  # For MFU; 0 = look up the device kind (none on CPU).
   c.train.skip_nonfinite = False  # Skip (and count) updates with a non-finite loss or gradient; False = stop.
+  # Benchmarks scored during training by eval.py's code on the live parameters (docs/training.md). The
+  # task settings mean what eval.py's flags of the same name mean; a task's data is checked before step 1.
+  c.train.eval_tasks = ""  # Comma-separated eval.py benchmark names, e.g. "piqa,hellaswag,arc_easy"; "" = none.
+  c.train.eval_tasks_every = 1000  # Steps between benchmark evaluations (and one at the last step).
+  c.train.eval_tasks_limit = 0  # Score the first N documents of each task (MMLU: of each subject); 0 = all (--limit).
+  c.train.eval_tasks_shots = -1  # Few-shot examples per prompt; -1 = each task's default: 0, MMLU 5 (--num_fewshot).
+  c.train.eval_tasks_source = "local"  # Documents from local files, tfds, or auto: local where present (--task_source).
+  c.train.eval_tasks_data_dir = ""  # Directory of <task>/<split>.jsonl task files (--task_data_dir).
+  c.train.eval_tasks_tfds_data_dir = ""  # TFDS data directory of prepared benchmarks; "" = TFDS's (--tfds_data_dir).
+  c.train.eval_tasks_batch_size = 32  # Rows per forward pass while scoring (--batch_size).
+  # A jax.profiler trace of a few steps into <workdir>/tensorboard/plugins/profile (docs/training.md).
+  c.train.profile_steps = 0  # Steps to trace; 0 = no trace.
+  c.train.profile_start_step = 10  # The first traced step (step N is the N-th update, as logged); past compilation.
+  c.train.profile_server_port = 0  # Port of a jax.profiler server to capture traces on demand; 0 = none.
+
+  c.init = ml_collections.ConfigDict()
+  # A transformers LLaMA directory (config.json, safetensors, tokenizer.model) whose weights start a fresh
+  # run (docs/hf.md); its config.json must match config.model, the optimizer starts fresh, and its
+  # tokenizer.model is used unless data.tokenizer_path is set. "" = random initialisation.
+  c.init.from_hf = ""
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 100  # Steps between checkpoints (and one at the end).
@@ -174,12 +200,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("model.n_heads", f"head dimension d_model/n_heads={m.d_model // m.n_heads} must be even for RoPE")
   if m.n_heads % m.n_kv_heads:
     _fail("model.n_kv_heads", f"must divide model.n_heads={m.n_heads}, got {m.n_kv_heads}")
+  if m.dtype == "float16":
+    _fail("model.dtype", "float16 is not supported (there is no loss scaling, so small gradients underflow); "
+          "use bfloat16, which has float32's range")
   if m.dtype not in DTYPES:
     _fail("model.dtype", f"must be one of {DTYPES}, got {m.dtype!r}")
   if m.remat not in model_lib.REMAT_POLICIES:
     _fail("model.remat", f"must be one of {model_lib.REMAT_POLICIES}, got {m.remat!r}")
   _check_finite(config, "model.init_std", 0.0, strict=True)
   _check_finite(config, "model.norm_eps", 0.0, strict=True)
+  _check_attention(config)
 
   if config.loss.name not in losses.LOSS_NAMES:
     _fail("loss.name", f"must be one of {losses.LOSS_NAMES}, got {config.loss.name!r}")
@@ -198,6 +228,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if d.val_fraction >= 0.5:
     _fail("data.val_fraction", f"must be below 0.5, got {d.val_fraction}")
   _check_data(config)
+  _check_init(config)
   if d.global_batch_size % t.microbatches:
     _fail("train.microbatches", f"must divide data.global_batch_size={d.global_batch_size}, got {t.microbatches}")
 
@@ -215,6 +246,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _fail(beta, f"must be in [0, 1), got {value!r}")
   if not isinstance(t.eval_every, numbers.Integral) or t.eval_every < 0:
     _fail("train.eval_every", f"must be an integer >= 0, got {t.eval_every!r}")
+  _check_eval_tasks_and_profile(config)
   for flag in ("train.skip_nonfinite", "checkpoint.async_save"):
     if not isinstance(_get(config, flag), bool):
       _fail(flag, f"must be True or False, got {_get(config, flag)!r}")
@@ -225,10 +257,57 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("mesh.shape", f"must have 3 entries (data, fsdp, tensor), got {tuple(config.mesh.shape)}")
 
 
+def _check_attention(config) -> None:
+  m = config.model
+  if m.attention not in attention_lib.IMPLEMENTATIONS:
+    _fail("model.attention", f"must be one of {attention_lib.IMPLEMENTATIONS}, got {m.attention!r}")
+  if m.attention != "cudnn":
+    return
+  why_not = attention_lib.cudnn_unsupported(m.dtype, m.d_model // m.n_heads, config.data.seq_len,
+                                            config.data.segment_documents)
+  if why_not:
+    _fail("model.attention", f"{why_not}; use auto or xla")
+  backend = jax.default_backend()  # Only for cudnn: other settings never start the backend here.
+  if backend != "gpu" or getattr(jax.devices()[0], "compute_capability", None) is None:
+    _fail("model.attention", f"cudnn needs an NVIDIA GPU, the backend here is {backend}; use auto or xla")
+
+
+def _check_eval_tasks_and_profile(config) -> None:
+  """Types and ranges of the train.eval_tasks* and train.profile_* settings; task names and task data are
+  checked where the tasks are loaded (`evaluation.in_training`), also before anything compiles."""
+  _check_positive_int(config, "train.eval_tasks_every", "train.eval_tasks_batch_size", "train.profile_start_step")
+  for setting in ("train.eval_tasks", "train.eval_tasks_source", "train.eval_tasks_data_dir",
+                  "train.eval_tasks_tfds_data_dir"):
+    if not isinstance(_get(config, setting), str):
+      _fail(setting, f"must be a string, got {_get(config, setting)!r}")
+  for setting, minimum in (("train.eval_tasks_limit", 0), ("train.eval_tasks_shots", -1), ("train.profile_steps", 0),
+                           ("train.profile_server_port", 0)):
+    value = _get(config, setting)
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+      _fail(setting, f"must be an integer >= {minimum}, got {value!r}")
+  if config.train.profile_server_port > 65535:
+    _fail("train.profile_server_port", f"must be a port number (0 = none), got {config.train.profile_server_port}")
+
+
+def _check_init(config) -> None:
+  """init.from_hf: the directory's config.json against config.model, its weights and tokenizer (no weights read)."""
+  hf_dir = config.init.from_hf
+  if not isinstance(hf_dir, str):
+    _fail("init.from_hf", f"must be a directory or '', got {hf_dir!r}")
+  if not hf_dir:
+    return
+  try:
+    hf_layout.check_directory(hf_dir, config.model)
+  except hf_layout.HFError as e:
+    _fail("init.from_hf", str(e))
+  if not config.data.tokenizer_path and hf_layout.tokenizer_path(hf_dir) is None:
+    _fail("init.from_hf", f"{hf_dir} has no {hf_layout.TOKENIZER_FILE} (the SentencePiece model the data "
+          "pipeline reads); set data.tokenizer_path to the SentencePiece model these weights were trained with")
+
+
 def _check_data(config) -> None:
-  from mile_jax.data import corpus  # pylint: disable=import-outside-toplevel
   d = config.data
-  corpus.check_source(d.source)
+  mixture_lib.check_source(d.source)  # A source, or a mix: of sources.
   choices = {"data.tokenizer_model_type": ("bpe", "unigram"), "data.txt_documents": ("file", "blank_line"),
              "data.decode_errors": ("replace", "skip")}
   for setting, allowed in choices.items():
@@ -246,6 +325,8 @@ def _check_data(config) -> None:
       _fail(flag, f"must be True or False, got {_get(config, flag)!r}")
   if not d.text_field:
     _fail("data.text_field", "must name a field, got ''")
+  if not d.tokenizer_path and not config.init.from_hf and d.source not in corpus_lib.GENERATED:  # Trains one.
+    tokenizer_lib.check_trainable_vocab_size(config.model.vocab_size, d.byte_fallback)
 
 
 # The paper's model sizes (DESIGN.md section 2), LLaMA's 32000-token vocabulary.
@@ -257,7 +338,7 @@ PAPER_MODELS = {
 
 
 # Remat policy and micro-batches per step for the paper sizes on 8 devices
-# (mesh 1,8,1), from `python -m mile_jax.plan` (README "Will it fit"): for each
+# (mesh 1,8,1), from `python -m mile_jax.plan` (docs/scaling.md, "Will it fit"): for each
 # size the least recomputation, then the fewest micro-batches, whose compiled
 # peak stays under 60 GiB (JAX's default 75% of an 80 GiB H100). With more
 # devices, global_batch_size must still divide by data x fsdp x microbatches.
@@ -267,7 +348,8 @@ PAPER_MICROBATCHES = {"468m": 8, "1b": 8, "7b": 32}
 
 def paper_config(size: str) -> ml_collections.ConfigDict:
   """The paper's setup for one model size: AdamW lr 3e-4, wd 0.1, betas
-  (0.9, 0.95), 2000 warm-up steps then cosine, 200k steps, MiLe gamma 1.
+  (0.9, 0.95), 2000 warm-up steps then cosine, 200k steps, MiLe gamma 1;
+  bfloat16 compute and the chunked loss.
 
   The corpus and tokenizer must be set for a real run (the Pile and LLaMA's
   tokenizer in the paper): `--config.data.source=... --config.data.tokenizer_path=...`.
@@ -283,4 +365,5 @@ def paper_config(size: str) -> ml_collections.ConfigDict:
   c.checkpoint.update(every_steps=2000, max_to_keep=3)
   c.mesh.shape = (1, -1, 1)  # FSDP over all devices.
   c.train.microbatches = PAPER_MICROBATCHES[size]
+  c.loss.impl = "chunked"  # Never holds the [tokens, 32000] logits; the same function as naive (tested).
   return c

@@ -2,9 +2,11 @@
 
 - `WorkdirLock`: `<workdir>/lock` names the process that uses the workdir; a
   second run refuses to start, a lock left by a dead process is taken over.
-  On an object store (gs://) the lock is written and read through epath,
-  without an atomic create: two runs started within the same second could
-  both take it.
+  On a filesystem, taking (or taking over) and releasing happen under an
+  exclusive `flock` of `<workdir>/lock.guard`, so two runs cannot both take
+  it. On an object store (gs://) the lock is written and read through epath
+  with no such guard: a run checks after writing that the lock holds its own
+  token, but two runs started within the same second could still both take it.
 - `StopSignals`: SIGTERM and SIGINT become a request to stop after the
   current step (the loop then saves and returns). In a multi-process run the
   JAX preemption service owns SIGTERM, and every process asks
@@ -14,6 +16,9 @@
   one uninterrupted run.
 """
 
+import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -21,6 +26,7 @@ import signal
 import socket
 import threading
 import time
+import uuid
 
 import jax
 from jax.experimental import multihost_utils
@@ -28,6 +34,7 @@ from jax.experimental import multihost_utils
 from mile_jax import workdir as workdir_lib
 
 LOCK_NAME = "lock"
+GUARD_NAME = "lock.guard"  # Never deleted: the flock that serialises taking and releasing the lock.
 
 
 class WorkdirLockedError(RuntimeError):
@@ -51,11 +58,12 @@ def _pid_alive(pid: int) -> bool:
 class WorkdirLock:
   """An exclusive claim on a workdir, held from `acquire()` to `release()`.
 
-  The lock file holds JSON {pid, host, since, beat}. A lock is stale when
-  its holder is on this host and no longer alive, or, for a holder on another
-  host (a shared filesystem), when its heartbeat (the file's mtime, or on an
-  object store its `beat` time, refreshed every `heartbeat_s` by a daemon
-  thread) is older than `stale_after_s`.
+  The lock file holds JSON {pid, host, token, since, beat}; `token` is drawn
+  afresh by every `acquire()` and identifies the holder (a pid can be reused).
+  A lock is stale when its holder is on this host and no longer alive, or,
+  for a holder on another host (a shared filesystem), when its heartbeat (the
+  file's mtime, or on an object store its `beat` time, refreshed every
+  `heartbeat_s` by a daemon thread) is older than `stale_after_s`.
   """
 
   def __init__(self, workdir: str, *, heartbeat_s: float = 30.0, stale_after_s: float = 300.0,
@@ -63,33 +71,48 @@ class WorkdirLock:
     workdir = workdir_lib.resolve(workdir)
     self.remote = workdir_lib.is_remote(workdir)
     self.path = workdir_lib.join(workdir, LOCK_NAME)
+    self.guard_path = workdir_lib.join(workdir, GUARD_NAME)
     self.heartbeat_s = heartbeat_s
     self.stale_after_s = stale_after_s
     self._echo = echo
     self._stop = threading.Event()
     self._thread = None
     self._held = False
+    self._token = None
 
   def _info(self, since: float | None = None) -> dict:
     now = time.time()
-    return {"pid": os.getpid(), "host": socket.gethostname(), "since": since or now, "beat": now}
+    return {"pid": os.getpid(), "host": socket.gethostname(), "token": self._token, "since": since or now,
+            "beat": now}
 
-  def _create(self) -> bool:
-    """Creates the lock file (atomically on a filesystem); False if it already exists."""
-    info = self._info()
+  @contextlib.contextmanager
+  def _guard(self):
+    """Excludes other processes' `_guard` on a filesystem (nothing on an object store)."""
     if self.remote:
-      lock = workdir_lib.path(self.path)
-      if lock.exists():
-        return False
-      lock.write_text(json.dumps(info))
-      return True
+      yield
+      return
+    fd = os.open(self.guard_path, os.O_CREAT | os.O_RDWR, 0o644)
     try:
-      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-      return False
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+      except OSError as e:
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+          raise
+        logging.warning("%s: the filesystem does not lock files; two runs starting at once could both "
+                        "take the workdir's lock", self.guard_path)
+      yield
+    finally:
+      os.close(fd)  # Releases the flock.
+
+  def _write(self, info: dict) -> None:
+    """Replaces the lock file with `info`, atomically on a filesystem."""
+    if self.remote:
+      workdir_lib.path(self.path).write_text(json.dumps(info))
+      return
+    tmp = f"{self.path}.tmp-{self._token}"
+    with open(tmp, "w", encoding="utf-8") as f:
       json.dump(info, f)
-    return True
+    os.replace(tmp, self.path)
 
   def holder(self) -> tuple[dict, float] | None:
     """(the lock file's JSON, its mtime), or None when there is no lock."""
@@ -106,10 +129,16 @@ class WorkdirLock:
       info = json.loads(text)
     except json.JSONDecodeError:
       info = {}  # Written half by a killed process: no holder to respect.
+    if not isinstance(info, dict):
+      info = {}
     if mtime is None:
-      beat = info.get("beat", 0.0) if isinstance(info, dict) else 0.0
+      beat = info.get("beat", 0.0)
       mtime = float(beat) if isinstance(beat, (int, float)) else 0.0
     return info, mtime
+
+  def _ours(self) -> bool:
+    found = self.holder()
+    return found is not None and self._token is not None and found[0].get("token") == self._token
 
   def stale_reason(self, info: dict, mtime: float) -> str | None:
     """Why the lock described by `info` is stale, or None if its holder may be alive."""
@@ -128,43 +157,38 @@ class WorkdirLock:
   def acquire(self) -> None:
     """Takes the lock, taking over a stale one; raises WorkdirLockedError if held."""
     workdir_lib.path(self.path).parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(3):
-      if self._create():
-        self._held = True
-        self._start_heartbeat()
-        return
+    self._token = uuid.uuid4().hex
+    with self._guard():  # Read, judge and replace as one step.
       found = self.holder()
-      if found is None:
-        continue  # Released in between: try again.
-      info, mtime = found
-      reason = self.stale_reason(info, mtime)
-      if reason is None:
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("since", mtime)))
-        raise WorkdirLockedError(
-            f"workdir {workdir_lib.path(self.path).parent} is in use by process {info['pid']} on host "
-            f"{info['host']} (since {since}); wait for it to finish, stop it, or use another --workdir. "
-            f"If that process is gone, delete {self.path}")
-      if self.remote:
-        workdir_lib.path(self.path).unlink(missing_ok=True)
-      else:
-        # Moved aside rather than deleted, so two runs taking over at once cannot both win.
-        aside = f"{self.path}.stale-{os.getpid()}"
-        try:
-          os.rename(self.path, aside)
-        except FileNotFoundError:
-          continue
-        os.remove(aside)
+      reason = None
+      if found is not None:
+        info, mtime = found
+        reason = self.stale_reason(info, mtime)
+        if reason is None:
+          since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("since", mtime)))
+          raise WorkdirLockedError(
+              f"workdir {workdir_lib.path(self.path).parent} is in use by process {info['pid']} on host "
+              f"{info['host']} (since {since}); wait for it to finish, stop it, or use another --workdir. "
+              f"If that process is gone, delete {self.path}")
+      self._write(self._info())
+    if self.remote and not self._ours():  # Another run wrote its own lock in between.
+      raise WorkdirLockedError(f"could not take the lock {self.path}; another run is starting in this workdir")
+    if reason is not None:
       self._echo(f"Taking over the stale lock {self.path}: {reason}")
-    raise WorkdirLockedError(f"could not take the lock {self.path}; another run is starting in this workdir")
+    self._held = True
+    self._start_heartbeat()
 
   def _start_heartbeat(self) -> None:
     since = time.time()
+    self._stop.clear()
 
     def beat():
       while not self._stop.wait(self.heartbeat_s):
         try:
+          if not self._ours():
+            return  # Taken over: the lock is another run's to refresh.
           if self.remote:
-            workdir_lib.path(self.path).write_text(json.dumps(self._info(since)))
+            self._write(self._info(since))
           else:
             os.utime(self.path)
         except OSError:
@@ -173,12 +197,18 @@ class WorkdirLock:
     self._thread.start()
 
   def release(self) -> None:
+    """Deletes the lock file if it is still this holder's (never another run's)."""
     if not self._held:
       return
     self._stop.set()
     if self._thread is not None:
       self._thread.join(timeout=5.0)
-    workdir_lib.path(self.path).unlink(missing_ok=True)
+    with self._guard():
+      found = self.holder()
+      if found is not None and found[0].get("token") == self._token:
+        workdir_lib.path(self.path).unlink(missing_ok=True)
+      elif found is not None:
+        logging.warning("Left %s in place: another run has taken it over", self.path)
     self._held = False
 
   def __enter__(self):
@@ -203,9 +233,12 @@ class StopSignals:
   """While entered, SIGTERM and SIGINT ask the training loop to stop.
 
   The first signal sets `received` (its name); a second SIGINT raises
-  KeyboardInterrupt as usual. Handlers are installed only in a single-process
-  run on the main thread; a multi-process run relies on the preemption sync
-  point (see `should_stop`), as JAX's preemption service catches SIGTERM.
+  KeyboardInterrupt as usual. The handler only records the signal: printing
+  from it could interrupt a write to the same stream. `should_stop`, called
+  from the loop, says that the run is stopping. Handlers are installed only in
+  a single-process run on the main thread; a multi-process run relies on the
+  preemption sync point (see `should_stop`), as JAX's preemption service
+  catches SIGTERM.
   """
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -213,6 +246,7 @@ class StopSignals:
   def __init__(self, echo=print):
     self.received: str | None = None
     self._echo = echo
+    self._announced = False
     self._previous = {}
 
   def _handle(self, signum, frame):
@@ -221,7 +255,6 @@ class StopSignals:
       raise KeyboardInterrupt
     if self.received is None:
       self.received = signal.Signals(signum).name
-      self._echo(f"Received {self.received}: stopping after the current step and saving a checkpoint")
 
   def __enter__(self):
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
@@ -238,7 +271,9 @@ class StopSignals:
     """Called after every step by every process, with the same `step`."""
     if reached_preemption_sync_point(step):
       self.received = self.received or "preemption notice"
-      return True
+    if self.received is not None and not self._announced:
+      self._announced = True
+      self._echo(f"Received {self.received}: stopping after the current step and saving a checkpoint")
     return self.received is not None
 
 

@@ -38,11 +38,12 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Per-token cross-entropy logsumexp(z) - z[y].
 
   Args:
-    logits: [..., V] any float dtype.
+    logits: [..., V] any float dtype; -inf entries are classes of
+      probability 0.
     targets: [...] integer ids in [0, V).
 
   Returns:
-    [...] float32.
+    [...] float32 (+inf where the target's logit is -inf).
   """
   logits = logits.astype(jnp.float32)
   log_normalizer = jax.nn.logsumexp(logits, axis=-1)
@@ -58,7 +59,8 @@ def token_entropy(logits: jax.Array) -> jax.Array:
   cancel catastrophically.
 
   Args:
-    logits: [..., V] any float dtype.
+    logits: [..., V] any float dtype; -inf entries (a masked or padded
+      vocabulary) are classes of probability 0.
 
   Returns:
     [...] float32, stop-gradient.
@@ -67,7 +69,8 @@ def token_entropy(logits: jax.Array) -> jax.Array:
   z = z - jnp.max(z, axis=-1, keepdims=True)
   log_normalizer = jnp.log(jnp.sum(jnp.exp(z), axis=-1))
   probs = jnp.exp(z - log_normalizer[..., None])
-  return log_normalizer - jnp.sum(probs * z, axis=-1)
+  # A -inf logit (masked or padded vocabulary) has p = 0 and adds nothing; 0 * -inf would be NaN.
+  return log_normalizer - jnp.sum(jnp.where(probs > 0, probs * z, 0.0), axis=-1)
 
 
 def token_weights(name: str, ce: jax.Array, entropy: jax.Array, *, gamma: float = 1.0,
@@ -100,23 +103,26 @@ def reduce_token_losses(name: str, ce: jax.Array, entropy: jax.Array, mask: jax.
     name: one of LOSS_NAMES.
     ce: [...] per-token cross-entropy (carries the gradient).
     entropy: [...] per-token entropy (no gradient).
-    mask: [...] 1 for targets that count, 0 for padding.
+    mask: [...] 1 for targets that count, 0 for padding. Padding positions
+      are excluded, not multiplied by 0: their values may be inf.
 
   Returns:
-    A dict of scalars: `loss_numerator` = sum(valid * w * ce) (the only entry
-    with a gradient), `loss_denominator` = sum(valid * w), `ce_sum`,
-    `entropy_sum`, `weight_max` (max raw weight over valid targets) and
-    `tokens` = sum(valid).
+    A dict of float32 scalars: `loss_numerator` = sum(valid * w * ce) (the
+    only entry with a gradient), `loss_denominator` = sum(valid * w),
+    `ce_sum`, `entropy_sum`, `weight_max` (the largest raw weight w over
+    valid targets) and `tokens` = sum(valid).
   """
   mask = mask.astype(jnp.float32)
+  valid = mask > 0
+  masked = lambda x: jnp.where(valid, x * mask, 0.0)  # noqa: E731
   weights = token_weights(name, ce, entropy, gamma=gamma, sigma=sigma)
   ce = ce.astype(jnp.float32)
   return {
-      "loss_numerator": jnp.sum(weights * ce * mask),
-      "loss_denominator": jnp.sum(weights * mask),
-      "ce_sum": jnp.sum(jax.lax.stop_gradient(ce) * mask),
-      "entropy_sum": jnp.sum(jax.lax.stop_gradient(entropy) * mask),
-      "weight_max": jnp.max(jnp.where(mask > 0, weights, 0.0), initial=0.0),
+      "loss_numerator": jnp.sum(masked(weights * ce)),
+      "loss_denominator": jnp.sum(masked(weights)),
+      "ce_sum": jnp.sum(masked(jax.lax.stop_gradient(ce))),
+      "entropy_sum": jnp.sum(masked(jax.lax.stop_gradient(entropy.astype(jnp.float32)))),
+      "weight_max": jnp.max(jnp.where(valid, weights, 0.0), initial=0.0),
       "tokens": jnp.sum(mask),
   }
 
@@ -129,31 +135,45 @@ def loss_sums(name: str, logits: jax.Array, targets: jax.Array, mask: jax.Array,
   return reduce_token_losses(name, ce, entropy, mask, gamma=gamma, sigma=sigma)
 
 
-def combine_sums(a: Mapping[str, jax.Array], b: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-  """Combines the sums of two disjoint sets of targets (e.g. micro-batches)."""
-  return {k: jnp.maximum(a[k], b[k]) if k == "weight_max" else a[k] + b[k] for k in a}
+def combine_sums(total: Mapping[str, jax.Array] | None, new: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """Combines the sums of disjoint sets of targets (micro-batches, steps).
+
+  Every entry adds except `weight_max`, which takes the maximum; entries
+  other than those of `loss_sums` (e.g. a train step's) add too. `total`
+  None (nothing yet) returns `new`. Works on device and on host values.
+  """
+  if total is None:
+    return dict(new)
+  return {k: jnp.maximum(total[k], new[k]) if k == "weight_max" else total[k] + new[k] for k in total}
+
+
+def safe_divide(numerator, denominator):
+  """numerator / denominator where denominator > 0, else 0 (no valid
+  targets, or every weight 0): never inf or NaN, and a zero gradient there."""
+  positive = denominator > 0
+  return jnp.where(positive, numerator / jnp.where(positive, denominator, 1.0), 0.0)
 
 
 def normalize_sums(sums: Mapping[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Turns `loss_sums` output into (loss, per-token metrics).
 
-  Works on jax arrays and on host numpy values alike. Metrics: `ce` (mean
-  cross-entropy, comparable across losses), `entropy` (mean entropy),
-  `weight_mean` (mean raw weight, 1/alpha), `weight_max` (max of alpha * w),
+  Works on jax arrays and on host numpy values alike. Metrics over the valid
+  targets, each 0 when there are none: `loss`, `ce` (mean cross-entropy,
+  comparable across losses), `entropy` (mean entropy), `weight_mean` and
+  `weight_max` (mean and largest raw weight w, one scale for both:
+  w = (sigma + H) ** gamma or (1 - p) ** gamma; weight_mean = 1 / alpha, and
+  the largest normalised weight alpha * w is weight_max / weight_mean),
   `tokens`.
   """
-  tokens = jnp.maximum(sums["tokens"], 1.0)
-  denominator = sums["loss_denominator"]
-  safe_denominator = jnp.where(denominator > 0, denominator, 1.0)
-  loss = jnp.where(denominator > 0, sums["loss_numerator"] / safe_denominator, 0.0)
-  weight_mean = denominator / tokens
+  tokens = sums["tokens"]
+  loss = safe_divide(sums["loss_numerator"], sums["loss_denominator"])
   metrics = {
       "loss": loss,
-      "ce": sums["ce_sum"] / tokens,
-      "entropy": sums["entropy_sum"] / tokens,
-      "weight_mean": weight_mean,
-      "weight_max": jnp.where(weight_mean > 0, sums["weight_max"] / jnp.where(weight_mean > 0, weight_mean, 1.0), 0.0),
-      "tokens": sums["tokens"],
+      "ce": safe_divide(sums["ce_sum"], tokens),
+      "entropy": safe_divide(sums["entropy_sum"], tokens),
+      "weight_mean": safe_divide(sums["loss_denominator"], tokens),
+      "weight_max": sums["weight_max"],
+      "tokens": tokens,
   }
   return loss, metrics
 

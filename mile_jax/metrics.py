@@ -1,4 +1,5 @@
-"""Metric output: one line on stdout, `metrics.jsonl` and TensorBoard scalars."""
+"""Metric output: one line on stdout, `metrics.jsonl` and TensorBoard scalars;
+and the lines a training run prints about itself before and after its steps."""
 
 import json
 import os
@@ -47,7 +48,8 @@ class MetricWriter:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
-  def write(self, step: int, scalars: Mapping[str, float], prefix: str) -> None:
+  def write(self, step: int, scalars: Mapping[str, float], prefix: str, note: str = "") -> None:
+    """One record `{step, split: prefix, time, **scalars}`; `note` goes to stdout only."""
     if not self.enabled:
       return
     values = {k: float(v) for k, v in scalars.items()}
@@ -56,7 +58,8 @@ class MetricWriter:
     self._jsonl.flush()
     for k, v in values.items():
       self._tb.add_scalar(f"{prefix}/{k}", v, step)
-    self._echo(f"[{prefix}] step {step}: " + " ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
+    line = f"[{prefix}] step {step}: " + " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
+    self._echo(f"{line} ({note})" if note else line)
 
   def flush(self) -> None:
     if self.enabled:
@@ -68,7 +71,68 @@ class MetricWriter:
       self._tb.close()
 
 
+def run_header(config, num_params: int, mesh, data, start: int, eval_batches: int) -> list[str]:
+  """What a training run prints before its first step.
+
+  Args:
+    config: the run's config.
+    num_params: parameter count.
+    mesh: the `jax.sharding.Mesh` it trains on.
+    data: its `DataSplits` (train and validation `PackedDataset`s, tokenizer).
+    start: the step it starts from (> 0 when resumed).
+    eval_batches: validation batches per in-training evaluation.
+  """
+  m, d, t = config.model, config.data, config.train
+  device = mesh.devices.flat[0]
+  tokens_per_step = d.global_batch_size * d.seq_len
+  axes = " x ".join(f"{name} {size}" for name, size in mesh.shape.items())
+  splits = ", ".join(f"{name} {split.num_tokens:,} tokens ({split.num_documents:,} documents)"
+                     for name, split in (("train", data.train), ("validation", data.validation)))
+  lines = [
+      f"Model: {num_params:,} parameters ({m.n_layers} layers, d_model {m.d_model}, vocabulary {m.vocab_size}, "
+      f"{m.dtype}); loss {config.loss.name} (gamma {config.loss.gamma}, sigma {config.loss.sigma})",
+      f"Devices: {mesh.size} x {device.device_kind} in {_plural(jax.process_count(), 'process')}; mesh {axes}",
+      f"Batch: {d.global_batch_size} rows x {d.seq_len} tokens = {tokens_per_step:,} tokens per step in "
+      f"{_plural(t.microbatches, 'micro-batch')}; {t.steps} steps = {t.steps * tokens_per_step:,} tokens",
+      f"Data: {d.source}: {splits}; tokenizer of {data.tokenizer.vocab_size} pieces",
+  ]
+  if t.eval_every:
+    rows = eval_batches * d.global_batch_size
+    lines.append(
+        f"Validation: every {t.eval_every} steps, [eval] lines score the first {eval_batches} batches "
+        f"({rows} of the split's {data.validation.rows_per_epoch} rows, {rows * d.seq_len:,} tokens): an "
+        f"estimate; eval.py --tasks ppl scores the whole validation split")
+  lines.append(f"Start: resumed at step {start} of {t.steps}" if start else f"Start: a new run of {t.steps} steps")
+  return lines
+
+
+def closing_line(done: int, steps: int, trained: int, seconds: float, validation: Mapping[str, float] | None,
+                 checkpoint: str | None) -> str:
+  """What a training run prints after its last step.
+
+  Args:
+    done: the step it ended at; `steps`: train.steps.
+    trained: steps taken by this run (fewer than `done` when resumed).
+    seconds: wall time of this run.
+    validation: the last in-training evaluation's metrics, if any.
+    checkpoint: the newest checkpoint's path, if any.
+  """
+  status = "Training finished" if done >= steps else "Training stopped"
+  parts = [f"{status} at step {done} of {steps} ({trained} steps in {seconds:.1f} s)"]
+  if validation:
+    parts.append(f"validation estimate ({int(validation['tokens']):,} tokens) loss {validation['loss']:.4f}, "
+                 f"ce {validation['ce']:.4f}")
+  parts.append(f"checkpoint {checkpoint}" if checkpoint else "no checkpoint saved")
+  return "; ".join(parts)
+
+
+def _plural(n: int, noun: str) -> str:
+  return f"{n} {noun}" if n == 1 else f"{n} {noun}es"
+
+
 def _fmt(value: float) -> str:
-  if value == 0 or 1e-3 <= abs(value) < 1e5:
+  if value.is_integer() and abs(value) < 1e9:  # Counts: tokens, skipped steps.
+    return str(int(value))
+  if 1e-3 <= abs(value) < 1e5:
     return f"{value:.4g}"
   return f"{value:.3e}"

@@ -8,11 +8,14 @@ axes. Parameters are float32; the compute dtype is configurable.
 """
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from mile_jax import attention as attention_lib
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
@@ -32,10 +35,12 @@ class DecoderConfig:
   init_std: float = 0.01
   dtype: str = "float32"
   remat: str = "none"
+  attention: str = "auto"  # One of attention.IMPLEMENTATIONS.
 
   @classmethod
   def from_config(cls, model_config: Any) -> "DecoderConfig":
-    return cls(**{f.name: model_config[f.name] for f in dataclasses.fields(cls)})
+    # A field missing from an older run's config.json takes its default.
+    return cls(**{f.name: model_config[f.name] for f in dataclasses.fields(cls) if f.name in model_config})
 
   @property
   def head_dim(self) -> int:
@@ -82,21 +87,33 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 class Einsum(nn.Module):
-  """A bias-free projection: einsum(`equation`, x, kernel) with a float32 kernel."""
+  """A bias-free projection: einsum(`equation`, x, kernel) with a float32 kernel.
+
+  Inputs and kernel are cast to `dtype`; the output has `dtype`, or with
+  `preferred_element_type` that dtype, accumulated in it.
+  """
   shape: tuple[int, ...]
   names: tuple[str | None, ...]
   equation: str
   init_std: float
   dtype: Any
+  preferred_element_type: Any = None
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", _init(self.init_std, self.names), self.shape, jnp.float32)
-    return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+    return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype),
+                      preferred_element_type=self.preferred_element_type)
+
+
+def _projection(cfg: DecoderConfig, shape, names, equation: str, name: str) -> Einsum:
+  """A layer's projection in the compute dtype, initialised with `init_std`."""
+  return Einsum(shape, names, equation, cfg.init_std, cfg.compute_dtype, name=name)
 
 
 class Attention(nn.Module):
-  """Causal multi-head attention with grouped-query key/value heads.
+  """Causal multi-head attention with grouped-query key/value heads, by the
+  kernel `cfg.attention` names (see `mile_jax.attention`).
 
   With `decode=True` keys and values are kept in a "cache" collection of
   (B, S, K, H) slots: the first call (at `init`) sizes the cache from its
@@ -110,7 +127,7 @@ class Attention(nn.Module):
   def __call__(self, x, positions, segment_ids):  # x: (B, T, D)
     cfg = self.cfg
     d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    proj = lambda shape, names, eq, name: Einsum(shape, names, eq, cfg.init_std, cfg.compute_dtype, name=name)
+    proj = functools.partial(_projection, cfg)
     q = proj((d, n, h), ("embed", "heads", "kv"), "BTD,DNH->BTNH", "query")(x)
     key = proj((d, k, h), ("embed", "kv_heads", "kv"), "BTD,DKH->BTKH", "key")(x)
     value = proj((d, k, h), ("embed", "kv_heads", "kv"), "BTD,DKH->BTKH", "value")(x)
@@ -123,10 +140,9 @@ class Attention(nn.Module):
     else:
       if self.decode:  # init: create the cache with the input's shape
         self._cache_variables(key, value)
-      mask = None
-      if segment_ids is not None:
-        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # (B, 1, T, T)
-      out = jax.nn.dot_product_attention(q, key, value, mask=mask, is_causal=True)  # (B, T, N, H)
+      # The decoding model stays on XLA (init only: later calls take the cache branch).
+      impl = "xla" if self.decode else cfg.attention
+      out = attention_lib.attend(q, key, value, segment_ids, impl)  # (B, T, N, H)
     out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
     return proj((n, h, d), ("heads", "kv", "embed"), "BTNH,NHD->BTD", "out")(out)
 
@@ -165,7 +181,7 @@ class MLP(nn.Module):
   def __call__(self, x):  # (B, T, D)
     cfg = self.cfg
     d, f = cfg.d_model, cfg.d_ff
-    proj = lambda shape, names, eq, name: Einsum(shape, names, eq, cfg.init_std, cfg.compute_dtype, name=name)
+    proj = functools.partial(_projection, cfg)
     gate = proj((d, f), ("embed", "mlp"), "BTD,DF->BTF", "gate")(x)
     up = proj((d, f), ("embed", "mlp"), "BTD,DF->BTF", "up")(x)
     hidden = nn.with_logical_constraint(nn.silu(gate) * up,
@@ -198,8 +214,21 @@ def _remat_block(policy: str):
   return nn.remat(Block, policy=policies[policy], prevent_cse=True)
 
 
+def unembedding(cfg: DecoderConfig) -> Einsum:
+  """The output projection "lm_head": hidden states (B, T, D) -> float32 logits (B, T, V).
+
+  Compute-dtype inputs, float32 accumulation and output: the chunked loss
+  (fused_loss.py) forms its block logits the same way, so the two loss paths
+  are one function; rounding the logits to bfloat16 would move the loss by up
+  to ~2e-2 nats per token at LLaMA's 32000-token vocabulary.
+  """
+  return Einsum((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), "BTD,DV->BTV", cfg.init_std,
+                cfg.compute_dtype, preferred_element_type=jnp.float32, name="lm_head")
+
+
 class Decoder(nn.Module):
-  """Token ids (B, T) -> logits (B, T, V) in the compute dtype.
+  """Token ids (B, T) -> float32 logits (B, T, V), whatever the compute dtype
+  (see `unembedding`).
 
   `positions` defaults to 0..T-1; `segment_ids` (B, T), when given, stops
   attention across packed documents. With `return_hidden=True` the module
@@ -228,8 +257,7 @@ class Decoder(nn.Module):
     x = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x)
     if return_hidden:
       return x
-    logits = Einsum((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), "BTD,DV->BTV", cfg.init_std,
-                    cfg.compute_dtype, name="lm_head")(x)
+    logits = unembedding(cfg)(x)  # (B, T, V) float32
     return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
 

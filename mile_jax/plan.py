@@ -7,8 +7,8 @@ is lowered with abstract inputs (`jax.ShapeDtypeStruct`) and compiled by XLA
 for as many fake CPU devices as the mesh has. The compiled program's
 `memory_analysis()` gives per-device bytes; parameter, optimizer-state and
 gradient bytes come from the shardings themselves. Several remat policies and
-micro-batch counts can be compared in one call (`--remat none,full
---microbatches 1,4`).
+micro-batch counts, and attention kernels, can be compared in one call
+(`--remat none,full --microbatches 1,4 --attention xla,splash`).
 
 The numbers are XLA's CPU compiler's: the GPU and TPU compilers schedule,
 fuse and lay out buffers differently, so treat temporaries as an estimate
@@ -18,6 +18,14 @@ rematerialised forward pass early, which keeps all layers' activations alive
 and hides what remat saves; the tool switches it to the memory-minimising
 scheduler (`CPU_MEMORY_SCHEDULER_FLAG`) so the temporaries reflect the
 remat policy as the accelerator compilers apply it.
+
+Attention: `xla` is compiled as training runs it. `splash` is the TPU
+kernel's own code run in Pallas interpret mode, so the compiled program holds
+what the kernel holds in device memory (inputs, outputs and the per-row
+logsumexp it saves for the backward pass; no [T, T] scores), which is what
+the peak needs; the kernel's on-chip VMEM blocks, its speed and the TPU
+compiler's fusions around it are not measured. `cudnn` cannot be compiled
+for CPU devices and is refused; `auto` compiles as it resolves here, to xla.
 """
 
 import dataclasses
@@ -31,6 +39,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
+from mile_jax import attention as attention_lib
 from mile_jax import config_lib
 from mile_jax import model as model_lib
 from mile_jax import sharding
@@ -45,6 +54,7 @@ class Plan:
   """Per-device bytes and per-step work of one config on one mesh."""
   mesh_shape: tuple[int, int, int]  # (data, fsdp, tensor)
   remat: str
+  attention: str  # The kernel compiled: model.attention as `attention.resolve` resolves it here.
   microbatches: int
   num_params: int
   params_bytes: int  # Parameter shard per device (float32).
@@ -109,7 +119,8 @@ def plan(config, devices: Sequence[Any], log=lambda message: None) -> Plan:
   with tempfile.TemporaryDirectory(prefix="mile_plan_") as workdir:
     trainer = train_lib.Trainer(config, workdir, devices=devices, echo=lambda _: None)
     batch = abstract_batch(config)
-    log(f"compiling remat={config.model.remat} microbatches={config.train.microbatches} ...")
+    log(f"compiling attention={config.model.attention} remat={config.model.remat} "
+        f"microbatches={config.train.microbatches} ...")
     start = time.perf_counter()
     compiled = trainer.lower_train_step(batch).compile()
     seconds = time.perf_counter() - start
@@ -119,8 +130,11 @@ def plan(config, devices: Sequence[Any], log=lambda message: None) -> Plan:
   mesh_shape = tuple(int(trainer.mesh.shape[a]) for a in sharding.MESH_AXES)
   tokens = config.data.global_batch_size * config.data.seq_len
   params_bytes = per_device_bytes(state.params, shardings.params)
+  cfg = trainer.model_config
+  attention, _ = attention_lib.resolve(cfg.attention, dtype=cfg.compute_dtype, head_dim=cfg.head_dim,
+                                       seq_len=config.data.seq_len, segmented=bool(config.data.segment_documents))
   return Plan(
-      mesh_shape=mesh_shape, remat=config.model.remat, microbatches=config.train.microbatches,
+      mesh_shape=mesh_shape, remat=config.model.remat, attention=attention, microbatches=config.train.microbatches,
       num_params=model_lib.count_params(state.params), params_bytes=params_bytes,
       opt_state_bytes=per_device_bytes(state.opt_state, shardings.opt_state), grads_bytes=params_bytes,
       batch_bytes=per_device_bytes(batch, jax.tree.map(lambda _: batch_sharding, batch)),
@@ -162,21 +176,24 @@ def format_report(plans: Sequence[Plan], config, device_memory_gib: float, usabl
       f"model FLOPs per step (6N + attention): {first.model_flops_per_step:.3e}",
       f"bytes per device; verdict for {device_memory_gib:g} GiB x {usable_fraction:g} usable",
       "",
-      "| remat | micro-batches | params | optimizer | gradients | temporaries | peak | compiled FLOPs/step "
-      "| compile s | verdict |",
-      "|---|---|---|---|---|---|---|---|---|---|",
+      "| remat | micro-batches | attention | params | optimizer | gradients | temporaries | peak "
+      "| compiled FLOPs/step | compile s | verdict |",
+      "|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for p in plans:
     fits = p.fits(device_memory_gib * GIB, usable_fraction)
     verdict = "fits" if fits else "does not fit"
     lines.append(
-        f"| {p.remat} | {p.microbatches} | {_size(p.params_bytes)} | {_size(p.opt_state_bytes)} "
+        f"| {p.remat} | {p.microbatches} | {p.attention} | {_size(p.params_bytes)} | {_size(p.opt_state_bytes)} "
         f"| {_size(p.grads_bytes)} | {_size(p.temp_bytes)} | {_size(p.peak_bytes)} "
         f"| {p.compiled_flops_per_step:.3e} | {p.compile_seconds:.0f} | {verdict} |")
   lines += ["", "peak = arguments + outputs - donated + temporaries (memory_analysis); gradients are part of the "
                 "temporaries. Temporaries and compiled FLOPs are the CPU compiler's: an estimate for GPU/TPU."]
   if any(p.microbatches > 1 for p in plans):
     lines.append("compiled FLOPs count a micro-batch loop's body once.")
+  if any(p.attention == "splash" for p in plans):
+    lines.append("splash ran in Pallas interpret mode: its device-memory buffers are the kernel's, its FLOPs and "
+                 "the TPU compiler's fusions are not (docs/attention.md).")
   return "\n".join(lines)
 
 
@@ -196,6 +213,7 @@ def main(argv):
     mesh_shape = parse_mesh(f.mesh)
     remats = _split(f.remat) or [f.config.model.remat]
     micro = [int(x) for x in _split(f.microbatches)] or [f.config.train.microbatches]
+    attentions = _split(f.attention) or [f.config.model.attention]
     if f.device_memory_gib <= 0:
       raise config_lib.ConfigError(f"--device_memory_gib: must be > 0, got {f.device_memory_gib}")
     if not 0 < f.usable_fraction <= 1:
@@ -206,14 +224,18 @@ def main(argv):
     jax.config.update("jax_num_cpu_devices", math.prod(mesh_shape))
     devices = jax.devices()
     plans, config = [], None
-    for remat in remats:
-      for count in micro:
-        config = f.config.copy_and_resolve_references()
-        config.mesh.shape = mesh_shape
-        config.model.remat = remat
-        config.train.microbatches = count
-        config_lib.validate(config)
-        plans.append(plan(config, devices, log=lambda m: print(m, file=sys.stderr, flush=True)))
+    configs = []
+    for attention in attentions:
+      for remat in remats:
+        for count in micro:
+          config = f.config.copy_and_resolve_references()
+          config.mesh.shape = mesh_shape
+          config.model.update(attention=attention, remat=remat)
+          config.train.microbatches = count
+          config_lib.validate(config)
+          configs.append(config)
+    for config in configs:
+      plans.append(plan(config, devices, log=lambda m: print(m, file=sys.stderr, flush=True)))
   except (config_lib.ConfigError, ValueError) as e:
     print(f"Config error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -231,6 +253,7 @@ def _define_flags():
   flags.DEFINE_float("usable_fraction", 1.0, "Fraction of it the program may use (0.75 = JAX's GPU default).")
   flags.DEFINE_string("remat", "", "Comma-separated remat policies to compare; '' = the config's.")
   flags.DEFINE_string("microbatches", "", "Comma-separated micro-batch counts to compare; '' = the config's.")
+  flags.DEFINE_string("attention", "", "Comma-separated attention kernels to compare (xla, splash); '' = the config's.")
   flags.mark_flags_as_required(["config", "mesh"])
 
 

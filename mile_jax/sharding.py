@@ -7,6 +7,7 @@ Logical axis names on parameters and activations map to mesh axes through a
 rules table from the config (`config.mesh.rules`).
 """
 
+import contextlib
 import math
 from typing import Any, Sequence
 
@@ -74,6 +75,13 @@ def make_mesh(shape: Sequence[int], devices: Sequence[Any] | None = None) -> Mes
   mesh = jax.make_mesh(resolved, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
   check_tensor_axis_within_processes(mesh.devices)
   return mesh
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules: Any):
+  """Enters the mesh and the logical-axis rules for tracing the model."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules_tuple(rules)):
+    yield
 
 
 def rules_tuple(rules: Any) -> tuple[tuple[str, Any], ...]:

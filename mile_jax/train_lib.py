@@ -1,6 +1,5 @@
 """Train state, the jitted train and eval steps, and the training loop."""
 
-import contextlib
 import functools
 import json
 import logging
@@ -20,13 +19,16 @@ from mile_jax import config_lib
 from mile_jax import data as data_lib
 from mile_jax import faults
 from mile_jax import fused_loss
+from mile_jax import hf_layout
 from mile_jax import losses
 from mile_jax import metrics as metrics_lib
 from mile_jax import model as model_lib
 from mile_jax import optim
+from mile_jax import profiling
 from mile_jax import sharding
 from mile_jax import workdir as workdir_lib
 from mile_jax.data import pipeline as data_pipeline
+from mile_jax.evaluation import in_training
 
 
 @flax.struct.dataclass
@@ -113,6 +115,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   `skip_nonfinite` such an update is not applied (params and optimizer state,
   its count included, stay as they were; `step` still advances past the batch)
   and the step's sums are zeroed so that logged means cover the good steps.
+  `learning_rate_sum` is the rate this update applies: the schedule at the
+  optimizer's count of applied updates, which skipped steps do not advance.
   """
   def numerator(params, mb):
     sums = loss_sums_fn(params, mb, model=model, loss_config=loss_config)
@@ -129,7 +133,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   grads, sums = _fold_microbatches(grads_and_sums, batch, microbatches, add)
 
   denominator = sums["loss_denominator"]
-  scale = jnp.where(denominator > 0, 1.0 / jnp.where(denominator > 0, denominator, 1.0), 0.0)
+  scale = losses.safe_divide(1.0, denominator)
   grads = jax.tree.map(lambda g: g * scale, grads)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -137,7 +141,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   # The global gradient norm is non-finite iff some gradient element is.
   finite = jnp.isfinite(grad_norm) & jnp.isfinite(sums["loss_numerator"]) & jnp.isfinite(denominator)
-  out = dict(sums, grad_norm_sum=grad_norm, learning_rate_sum=schedule(state.step), steps=jnp.ones(()))
+  out = dict(sums, grad_norm_sum=grad_norm, learning_rate_sum=schedule(applied_updates(state.opt_state, state.step)),
+             steps=jnp.ones(()))
   if skip_nonfinite:
     keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
     new_state = new_state.replace(params=jax.tree.map(keep, params, state.params),
@@ -145,6 +150,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     out = {k: jnp.where(finite, v, jnp.zeros_like(v)) for k, v in out.items()}
   out["nonfinite_steps"] = 1.0 - finite.astype(jnp.float32)
   return new_state, out
+
+
+def applied_updates(opt_state, step: jax.Array) -> jax.Array:
+  """Updates applied so far: the count of the optimizer's learning-rate
+  schedule (`step` when it has none). Behind `step` after skipped steps."""
+  is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+  counts = [s.count for s in jax.tree.leaves(opt_state, is_leaf=is_schedule) if is_schedule(s)]
+  return counts[0] if counts else step
 
 
 def eval_step(params, batch, *, model: nn.Module, loss_config: Any, microbatches: int = 1) -> dict[str, jax.Array]:
@@ -155,13 +168,19 @@ def eval_step(params, batch, *, model: nn.Module, loss_config: Any, microbatches
 
 
 def host_metrics(summed: dict[str, Any]) -> dict[str, float]:
-  """Metric sums accumulated over steps -> per-token and per-step means."""
+  """Metric sums (see `losses.combine_sums`) -> per-token and per-step means.
+
+  Train-step sums carry `steps` (applied steps) and `nonfinite_steps`; when
+  every step was skipped as non-finite there is nothing to average and only
+  `nonfinite_steps` is returned.
+  """
   summed = jax.device_get(summed)
+  if "steps" in summed and float(summed["steps"]) == 0:
+    return {"nonfinite_steps": float(summed["nonfinite_steps"])}
   _, out = losses.normalize_sums(summed)
   out = {k: float(v) for k, v in out.items()}
   if "steps" in summed:
-    steps = max(float(summed["steps"]), 1.0)  # 0 when every step was skipped as non-finite.
-    out["loss"] = float(summed["loss_numerator"] / max(float(summed["loss_denominator"]), 1e-30))
+    steps = float(summed["steps"])
     out["grad_norm"] = float(summed["grad_norm_sum"]) / steps
     out["learning_rate"] = float(summed["learning_rate_sum"]) / steps
     out["nonfinite_steps"] = float(summed["nonfinite_steps"])
@@ -169,18 +188,14 @@ def host_metrics(summed: dict[str, Any]) -> dict[str, float]:
   return out
 
 
-def accumulate_metrics(total, new):
-  """Adds step metric sums on device (no host sync); `weight_max` takes the max."""
-  if total is None:
-    return new
-  return {k: jnp.maximum(total[k], new[k]) if k == "weight_max" else total[k] + new[k] for k in total}
-
-
 class Trainer:
   """Builds everything a run needs from a validated config; `run()` trains."""
 
   def __init__(self, config, workdir: str, devices=None, echo=None):
     config_lib.validate(config)
+    config = hf_layout.with_hf_tokenizer(config)  # init.from_hf: its tokenizer.model unless data.tokenizer_path.
+    if not str(workdir).strip():  # resolve() would make it the current directory.
+      raise config_lib.ConfigError(f"workdir: must name a directory, got {str(workdir)!r}; pass --workdir DIR")
     self.config = config
     self.workdir = workdir_lib.resolve(workdir)
     self.echo = echo or tqdm.tqdm.write
@@ -223,6 +238,8 @@ class Trainer:
     self.checkpointer.check_compatible(self.abstract_state, self.config_json)
     self.restored_step = None  # The checkpoint step `initial_state` resumed from.
     self.data = None
+    # Bucket perplexity and train.eval_tasks; reads the task files now, before anything compiles.
+    self.in_loop = in_training.InTrainingEval(config, self.mesh, self.rules, self.model, jax.process_count())
 
   def _context(self):
     return mesh_context(self.mesh, self.rules)
@@ -239,11 +256,20 @@ class Trainer:
 
   def initial_state(self) -> TrainState:
     """The newest readable checkpoint's state (an unreadable newer one is
-    reported and moved aside), else a fresh one."""
+    reported and moved aside), else a fresh one: with `init.from_hf` that
+    directory's parameters and a fresh optimizer state."""
     target = checkpoint_lib.abstract_with_shardings(self.abstract_state, self.state_shardings)
     found = self.checkpointer.restore_latest(target, warn=self.echo)
     if found is None:
       self.restored_step = None
+      hf_dir = self.config.init.from_hf
+      if hf_dir:
+        params = hf_layout.load_params(hf_dir, self.abstract_state.params, self.model_config.n_layers,
+                                       self.model_config.head_dim, echo=self.echo)
+        fresh = lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=self.tx.init(p))  # noqa: E731
+        self.echo(f"Initialised the parameters from {hf_dir}")
+        return jax.jit(fresh, out_shardings=self.state_shardings, donate_argnums=0)(
+            hf_layout.place(params, self.state_shardings.params))
       return init_state(self.model, self.tx, self.mesh, self.rules, self.config.data.seq_len, self.config.seed)
     self.restored_step, state = found
     self.echo(f"Resuming from {self.checkpointer.step_path(self.restored_step)}")
@@ -274,13 +300,24 @@ class Trainer:
   def local_batch(self, dataset, step: int) -> dict[str, np.ndarray]:
     return dataset.batch(step, self.config.data.global_batch_size, jax.process_index(), jax.process_count())
 
-  def evaluate(self, params) -> dict[str, float]:
-    data = self.load_data()
+  def eval_batches(self, split=None) -> int:
+    """Validation batches per in-training evaluation of `split` (default the
+    validation split): `train.eval_batches`, at most one pass over the split
+    (beyond it, rows would count twice)."""
+    rows = (self.load_data().validation if split is None else split).rows_per_epoch
+    return min(self.config.train.eval_batches, rows // self.config.data.global_batch_size)
+
+  def evaluate(self, params, split=None) -> dict[str, float]:
+    """Metrics (`host_metrics`) of the first `eval_batches()` batches of
+    `split` (default the validation split; a mixture's components are in
+    `data.validation_components`): an estimate; eval.py's `ppl` task scores
+    the whole split."""
+    split = self.load_data().validation if split is None else split
     total = None
     with self._context():
-      for i in range(self.config.train.eval_batches):
-        batch = sharding.make_global_batch(self.local_batch(data.validation, i), self.mesh)
-        total = accumulate_metrics(total, self._eval_step(params, batch))
+      for i in range(self.eval_batches(split)):
+        batch = sharding.make_global_batch(self.local_batch(split, i), self.mesh)
+        total = losses.combine_sums(total, self._eval_step(params, batch))
     return host_metrics(total)
 
   def run(self, until_step: int | None = None) -> TrainState:
@@ -290,7 +327,8 @@ class Trainer:
     Holds the workdir's lock throughout. SIGTERM/SIGINT (or, on several
     hosts, JAX's preemption sync point) end the run after the current step
     with a checkpoint; a non-finite step raises `faults.NonFiniteError`
-    unless `train.skip_nonfinite`, and nothing after it is saved.
+    unless `train.skip_nonfinite`, and nothing after it is saved. A workdir
+    already trained that far is returned as it is (see `_already_trained`).
     """
     cfg = self.config
     last = cfg.train.steps if until_step is None else min(until_step, cfg.train.steps)
@@ -299,12 +337,38 @@ class Trainer:
     if primary:
       lock.acquire()
     try:
+      done = self._already_trained(last)
+      if done is not None:
+        return done
       with faults.StopSignals(echo=self.echo) as stop:
         return self._train(last, primary, stop)
     finally:
       lock.release()
 
+  def _already_trained(self, last: int) -> TrainState | None:
+    """The restored state if the workdir's checkpoint is already at step `last`
+    (then nothing is trained or written, config.json included), else None.
+
+    Raises ConfigError if the newest checkpoint is past `train.steps`: such a
+    config cannot be the one the workdir was trained with.
+    """
+    latest, steps = self.checkpointer.latest_step(), self.config.train.steps
+    if latest is None or latest < last:
+      return None
+    if latest > steps:
+      raise config_lib.ConfigError(
+          f"train.steps: {steps} is below step {latest} of the workdir's newest checkpoint "
+          f"{self.checkpointer.step_path(latest)}; nothing was trained and config.json is unchanged. Set "
+          f"train.steps to {latest} or more to resume that run, or use a new --workdir")
+    state = self.initial_state()
+    if int(state.step) < last:  # The newest was unreadable and moved aside: train on from the one restored.
+      return None
+    self.echo(f"Nothing to train: checkpoint {self.checkpointer.step_path(latest)} is at step {latest} and "
+              f"the run ends at step {last} (train.steps={steps}); the workdir is unchanged")
+    return state
+
   def _train(self, last: int, primary: bool, stop: faults.StopSignals) -> TrainState:
+    began = time.perf_counter()
     cfg = self.config
     data = self.load_data()
     state = self.initial_state()
@@ -317,20 +381,27 @@ class Trainer:
       # Records of steps after the checkpoint are about to be logged again.
       faults.drop_records_after(logs.local_path(workdir_lib.METRICS_FILE), start)
     writer = metrics_lib.MetricWriter(logs.local, enabled=primary, echo=self.echo)
+    if primary:
+      num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
+      for line in metrics_lib.run_header(cfg, num_params, self.mesh, data, start, self.eval_batches()):
+        self.echo(line)
     tokenizer_meta = checkpoint_lib.tokenizer_meta(data.tokenizer.serialized_model())
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
     flops_per_step = model_lib.flops_per_token(self.model_config, cfg.data.seq_len) * tokens_per_step
     peak = metrics_lib.peak_flops_per_device(cfg.train.peak_flops_per_device) * self.mesh.size
     prefetcher = data_lib.Prefetcher(lambda s: self.local_batch(data.train, s), start, cfg.data.prefetch)
+    profiler = profiling.StepProfiler(cfg.train, logs.local_path("tensorboard"), self.echo)
     total, last_time, last_step = None, time.perf_counter(), start
     unchecked = []  # (step, metrics) not yet checked for non-finite values.
+    done, validation, skipped = start, None, 0
     try:
       for step in tqdm.trange(start, last, initial=start, total=cfg.train.steps,
                               desc="train", disable=not primary, dynamic_ncols=True):
         batch_step, local = prefetcher.next()
         assert batch_step == step, (batch_step, step)
-        state, step_metrics = self.train_step(state, sharding.make_global_batch(local, self.mesh))
-        total = accumulate_metrics(total, step_metrics)
+        state, step_metrics = profiler.step(step + 1, self.train_step, state,
+                                            sharding.make_global_batch(local, self.mesh))
+        total = losses.combine_sums(total, step_metrics)
         done = step + 1
         final = done == last
         stopping = stop.should_stop(done) and not final
@@ -344,16 +415,25 @@ class Trainer:
           unchecked = []
         if log:
           scalars = host_metrics(total)
+          skipped += int(scalars["nonfinite_steps"])
+          note = "" if "loss" in scalars else f"every step since step {last_step} skipped: non-finite loss or gradients"
           elapsed = time.perf_counter() - last_time
           scalars["tokens_per_s"] = tokens_per_step * (done - last_step) / elapsed
           scalars["tflops_per_s"] = flops_per_step * (done - last_step) / elapsed / 1e12
           if peak > 0:
             scalars["mfu"] = scalars["tflops_per_s"] * 1e12 / peak
-          writer.write(done, scalars, "train")
+          writer.write(done, scalars, "train", note)
           total, last_time, last_step = None, time.perf_counter(), done
         if evaluate:
-          writer.write(done, self.evaluate(state.params), "eval")
+          validation = self.evaluate(state.params)
+          writer.write(done, validation, "eval", f"estimate from the first {self.eval_batches()} validation batches")
+          for name, split in data.validation_components.items():  # A mixture's components: eval/<name>/ce.
+            writer.write(done, self.evaluate(state.params, split), f"eval/{name}",
+                         f"estimate from the first {self.eval_batches(split)} batches of {name}")
+          self.in_loop.write_buckets(done, state.params, data, self.eval_batches(), writer)
           last_time = time.perf_counter()
+        if self.in_loop.tasks_due(done, final):  # Its time is left out of the next tokens_per_s.
+          last_time += self.in_loop.write_tasks(done, state.params, data, writer)
         if save:
           # The batch at step s is a function of (seed, s): the step is the data iterator's state.
           meta = {"data": {"next_batch_step": done, "seed": cfg.seed}, "tokenizer": tokenizer_meta}
@@ -367,11 +447,19 @@ class Trainer:
                     f"{self.checkpointer.step_path(done)}")
           break
     finally:
+      profiler.close(done)
       prefetcher.close()
       self.checkpointer.wait()
       writer.close()
       if primary:
         logs.push()
+    if primary:
+      if skipped:
+        self.echo(f"Warning: {skipped} of {done - start} steps were skipped for a non-finite loss or gradient "
+                  f"(train.skip_nonfinite=True); the parameters did not change on those steps")
+      latest = self.checkpointer.latest_step()
+      self.echo(metrics_lib.closing_line(done, cfg.train.steps, done - start, time.perf_counter() - began, validation,
+                                         None if latest is None else self.checkpointer.step_path(latest)))
     return state
 
   def _raise_if_nonfinite(self, unchecked: list[tuple[int, dict]]) -> None:
@@ -401,11 +489,7 @@ def write_run_files(workdir: str, config, data) -> None:
     np.save(f, data.train.token_counts(config.model.vocab_size))
 
 
-@contextlib.contextmanager
-def mesh_context(mesh, rules):
-  """Enters the mesh and the logical-axis rules for tracing the model."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    yield
+mesh_context = sharding.mesh_context  # Enters the mesh and the logical-axis rules for tracing.
 
 
 def train_and_evaluate(config, workdir: str) -> TrainState:

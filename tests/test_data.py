@@ -1,6 +1,10 @@
 """Tests of the data pipeline: corpus, tokenizer, packing, make_data, prefetching."""
 
+import json
 import os
+import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -8,10 +12,12 @@ import pytest
 import sentencepiece as spm
 
 from mile_jax import config_lib
-from mile_jax.config_lib import ConfigError
 from mile_jax.data import builtin, pipeline
 from mile_jax.data.pipeline import Prefetcher, make_data
 from mile_jax.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from mile_jax.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 VOCAB = 512
 
@@ -140,6 +146,21 @@ def test_tokenizer_errors(tmp_path):
     load_tokenizer(missing)
 
 
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+@pytest.mark.parametrize("byte_fallback, smallest", [(True, 261), (False, 5)])
+def test_smallest_trainable_vocabulary(tmp_path, monkeypatch, model_type, byte_fallback, smallest):
+  # A corpus of one character, U+2581 (what SentencePiece makes of a space), trains at the smallest size...
+  tok = train_tokenizer(["\u2581"], smallest, str(tmp_path), corpus_key="one-char", model_type=model_type,
+                        byte_fallback=byte_fallback)
+  assert tok.vocab_size == smallest
+  # ...and one size below, no corpus can: refused naming the setting, before the trainer runs.
+  monkeypatch.setattr(spm.SentencePieceTrainer, "train", lambda **kwargs: pytest.fail("trained"))
+  with pytest.raises(ConfigError, match=rf"^model.vocab_size: no tokenizer of {smallest - 1} pieces can be "
+                     rf"trained; the smallest is {smallest}: "):
+    train_tokenizer(["\u2581"], smallest - 1, str(tmp_path), corpus_key="one-char", model_type=model_type,
+                    byte_fallback=byte_fallback)
+
+
 def data_config(cache_dir, **overrides):
   """``config.data`` with the defaults, the cache in ``cache_dir`` and ``overrides``."""
   c = config_lib.base_config().data
@@ -197,8 +218,14 @@ def test_make_data_errors(data_cache, tokenizer, tmp_path):
   (tmp_path / "junk.model").write_bytes(b"not a model")
   with pytest.raises(ConfigError, match="data.tokenizer_path: .*junk.model.* not a SentencePiece"):
     make_data(data_config(data_cache, tokenizer_path=str(tmp_path / "junk.model")), VOCAB, 64, seed=0)
-  with pytest.raises(ConfigError, match="data.global_batch_size: .*fewer than one global batch.*validation split"):
+  # The train split makes a batch of 5000 rows, the validation split does not: the hold-out is named.
+  with pytest.raises(ConfigError, match=r"^data.val_fraction: the validation split \(\d+ documents, \d+ tokens\) "
+                     r"packs into \d+ rows of data.seq_len \+ 1 = 65 tokens, fewer than one global batch of 5000; "
+                     r"raise data.val_fraction, or lower data.global_batch_size or data.seq_len$"):
     make_data(data_config(data_cache, global_batch_size=5000), VOCAB, 64, seed=0)
+  with pytest.raises(ConfigError, match=r"^data.global_batch_size: the corpus packs into \d+ rows .* \(the train "
+                     r"split\)$"):
+    make_data(data_config(data_cache, global_batch_size=20000), VOCAB, 64, seed=0)
   given = make_data(data_config(data_cache, tokenizer_path=path), VOCAB, 64, seed=0)
   assert given.tokenizer.serialized_model() == tokenizer.serialized_model()
 
@@ -251,3 +278,63 @@ def test_prefetcher_close_stops_a_blocked_thread():
   assert not prefetcher._thread.is_alive()
   with pytest.raises(RuntimeError, match="closed"):
     prefetcher.next()
+
+
+# One process of a 2-process run (gloo on 127.0.0.1, one CPU device each). Each process has its own
+# copy of the corpus, and the copies differ, as they may on separate hosts.
+_WORKER = """
+import json, sys
+import jax
+pid, address, root, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+jax.distributed.initialize(coordinator_address=address, num_processes=2, process_id=pid)
+sys.path.insert(0, root)
+from mile_jax import config_lib
+from mile_jax.data import builtin, corpus, pipeline
+from mile_jax.errors import ConfigError
+words = ["".join(chr(97 + (k * m + pid * n) % 26) for m, n in ((1, 0), (7, 3), (11, 5))) for k in range(60)]
+docs = [(f"doc{i:03d}", " ".join(words[(i * 7 + j * j) % 60] for j in range(120))) for i in range(80)]
+builtin._pydocs_documents_cached = lambda: tuple(docs)
+config = config_lib.base_config().data
+config.update(cache_dir=f"{out}.cache", val_fraction=0.2, global_batch_size=4, byte_fallback=False)
+result = {"shared": pipeline.make_data(config, 100, 16, 0).tokenizer.serialized_model().hex()}
+own = pipeline._train(config, 100, corpus.load_corpus(config, config.cache_dir), config.cache_dir)
+result["own"] = own.serialized_model().hex()
+try:
+  pipeline.make_data(config, 20, 16, 0)  # Fewer pieces than the corpus has characters.
+except ConfigError as e:
+  result["error"] = str(e)
+with open(out, "w") as f:
+  json.dump(result, f)
+"""
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_processes_share_the_tokenizer_process_0_trained(tmp_path):
+  worker = tmp_path / "worker.py"
+  worker.write_text(_WORKER)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  address = f"127.0.0.1:{_free_port()}"
+  outs = [tmp_path / f"process{i}.json" for i in range(2)]
+  procs = [subprocess.Popen([sys.executable, str(worker), str(i), address, ROOT, str(outs[i])], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = []
+  for p in procs:
+    try:
+      logs.append(p.communicate(timeout=120)[0])
+    finally:
+      p.kill()
+  assert [p.returncode for p in procs] == [0, 0], logs
+  first, second = (json.loads(out.read_text()) for out in outs)
+  assert first["shared"] == first["own"]  # Process 0 uses the tokenizer it trains.
+  assert second["own"] != first["own"]  # Alone, process 1 would have trained another one...
+  assert second["shared"] == first["shared"]  # ...but it received process 0's.
+  assert first["error"].startswith("model.vocab_size=20 is impossible for this corpus with model_type='bpe', "
+                                   "byte_fallback=False: Vocabulary size is smaller than required_chars.")
+  # Process 1 stops too, instead of waiting for a model that never comes.
+  assert second["error"] == ("data.tokenizer_path: process 0 could not train the tokenizer (its own error says "
+                             "why; this is process 1); a trained one set in data.tokenizer_path skips training")

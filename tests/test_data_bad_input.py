@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from mile_jax.config_lib import ConfigError
 from mile_jax.data import text_files, tfds_sources, token_store
 from mile_jax.data.tokenizer import train_tokenizer
+from mile_jax.errors import ConfigError
 
 
 def read(paths, root, **options):

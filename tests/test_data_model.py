@@ -53,7 +53,14 @@ def test_trainer_feeds_segments_to_the_train_step(tiny_config, tmp_path):
   step = next(s for s in range(1000) if data.train.batch(s, 8)["segment_ids"].max() > 1)
   local = trainer.local_batch(data.train, step)
   assert sorted(local) == ["inputs", "mask", "positions", "segment_ids", "targets"]
-  np.testing.assert_array_equal(local["positions"], data.train.batch(step, 8)["positions"])
+  # Documents end with EOS: a segment starts at the row start and after each EOS input, and
+  # positions count from each segment's start.
+  eos = data.tokenizer.eos_id
+  for inputs, segments, positions in zip(local["inputs"], local["segment_ids"], local["positions"]):
+    starts = np.concatenate([[True], inputs[:-1] == eos])
+    np.testing.assert_array_equal(segments, np.cumsum(starts))
+    np.testing.assert_array_equal(positions, np.arange(32) - np.maximum.accumulate(np.where(starts, np.arange(32), 0)))
+  assert local["segment_ids"].max() > 1
   ce, state = {}, trainer.initial_state()
   for segment in (False, True):
     batch = local if segment else {k: local[k] for k in ("inputs", "targets", "mask")}

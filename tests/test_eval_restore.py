@@ -4,6 +4,8 @@ row-level standard error against float64 NumPy."""
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -12,7 +14,6 @@ import tensorstore as ts
 
 import conftest
 from mile_jax import checkpoint as checkpoint_lib
-from mile_jax import config_lib
 from mile_jax import model as model_lib
 from mile_jax import optim
 from mile_jax import sharding
@@ -20,8 +21,10 @@ from mile_jax import train_lib
 from mile_jax.evaluation import perplexity
 from mile_jax.evaluation import restore as restore_lib
 from mile_jax.evaluation import runner
+from mile_jax.errors import ConfigError
 from mile_jax.evaluation.errors import EvalError
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 
 
@@ -122,7 +125,7 @@ def test_another_models_config_is_named(trained, tmp_path):
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(copy, "checkpoints"), every_steps=1, max_to_keep=100)
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   abstract, shardings = _abstract_state(conftest.make_tiny_config(**{"model.d_ff": 96}), mesh)
-  with pytest.raises(config_lib.ConfigError, match=r"holds other parameters than this model "
+  with pytest.raises(ConfigError, match=r"holds other parameters than this model "
                      r"\(params/layer_0/mlp/down/kernel has shape \(128, 64\) there, \(96, 64\) in this model\)"):
     checkpointer.restore_params(STEPS, checkpoint_lib.abstract_with_shardings(abstract.params, shardings.params))
 
@@ -134,6 +137,43 @@ def test_damaged_checkpoint_is_one_clear_error(trained, tmp_path):
   os.remove(os.path.join(copy, "checkpoints", str(STEPS), "state", "_METADATA"))
   with pytest.raises(EvalError, match=r"checkpoint .*/checkpoints/4 cannot be read \(.*\); pass another --step"):
     restore_lib.restore(copy, mesh_shape=(1, 1, 1), devices=jax.devices()[:1])
+
+
+def test_eval_py_names_a_damaged_tokenizer_and_a_bad_batch_size(trained, tmp_path):
+  workdir, _, _ = trained
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  model = (copy / "tokenizer.model").read_bytes()
+  (copy / "tokenizer.model").write_bytes(model[:len(model) // 2])  # Cut short, as by a full disk.
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  commands = {"tokenizer": ["--workdir", str(copy)], "batch": ["--workdir", workdir, "--batch_size", "0"]}
+  procs = {name: subprocess.Popen([sys.executable, "eval.py", *args], cwd=ROOT, env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name, args in commands.items()}
+  results = {name: (proc.communicate(timeout=120)[1], proc.returncode) for name, proc in procs.items()}
+  assert results["tokenizer"] == (
+      f"Eval error: {copy}/tokenizer.model is not a readable SentencePiece model (it cannot be parsed); copy the "
+      "run's tokenizer back: every checkpoint's meta holds it (mile_jax.checkpoint.tokenizer_bytes)\n", 2)
+  assert results["batch"] == ("Eval error: --batch_size: must be >= 1, got 0\n", 2)
+
+
+def test_a_tokenizer_of_another_size_is_named(trained, tmp_path):
+  workdir, _, _ = trained
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  (copy / "tokenizer.model").write_bytes(b"")  # Parses, as a model of no pieces.
+  with pytest.raises(EvalError, match=rf"^{copy}/tokenizer.model has 0 pieces, the run's model.vocab_size is 512; "):
+    restore_lib.restore(str(copy), mesh_shape=(1, 1, 1), devices=jax.devices()[:1])
+
+
+def test_data_errors_name_where_the_setting_came_from(trained):
+  workdir, _, _ = trained
+  restored = restore_lib.restore(workdir, mesh_shape=(1, 1, 1), devices=jax.devices()[:1])
+  text_dataset = runner._text_dataset  # pylint: disable=protected-access
+  with pytest.raises(EvalError, match=r"^--ppl_source='nope': data.source: 'nope' is not a source"):
+    text_dataset(restored, runner.EvalOptions(workdir=workdir, ppl_source="nope"))
+  restored.config.data.source = "builtin:other"
+  with pytest.raises(EvalError, match=rf"^{workdir}/config.json: data.source: 'builtin:other' is not a source"):
+    text_dataset(restored, runner.EvalOptions(workdir=workdir))
 
 
 def _ratio_se64(y, n):

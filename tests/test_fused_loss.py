@@ -5,20 +5,25 @@ masks, bfloat16, large logits and an 8-device mesh."""
 import functools
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend import core as jax_core
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import count_in_loops
 from mile_jax import config_lib
 from mile_jax import fused_loss
 from mile_jax import losses
+from mile_jax import model as model_lib
 from mile_jax import sharding
 from mile_jax import train_lib
 
 NAMES = ["cross_entropy", "focal", "mile"]
+EPS32 = 2.0 ** -24  # float32 unit roundoff.
+EPS16 = 2.0 ** -8  # bfloat16 unit roundoff (8 significant bits).
 SUM_KEYS = ["loss_numerator", "loss_denominator", "ce_sum", "entropy_sum", "weight_max", "tokens"]
 
 
@@ -122,6 +127,21 @@ def test_large_logits_keep_entropy_exact():
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_padded_vocabulary_equals_masked_logits(name):
+  """V = 37 in 5 strided vocabulary blocks of 8 (3 padded columns) against the naive loss on 40 logits whose
+  last 3 are -inf: both equal the float64 reference over the 37 real columns, entropy to float32 precision."""
+  hidden, kernel, targets, mask = make_inputs(5, (3, 13), 8, 37, scale=4.0)
+  assert fused_loss._num_blocks(37, 8) == 5  # pylint: disable=protected-access
+  check_against_reference(name, (hidden, kernel, targets, mask), gamma=1.5, sigma=0.5, block_size=16,
+                          vocab_block_size=8, rtol=1e-5)
+  masked = np.concatenate([hidden @ kernel, np.full((3, 13, 3), -np.inf, np.float32)], axis=-1)
+  naive = losses.loss_sums(name, masked, targets, mask, gamma=1.5, sigma=0.5)
+  ref, _, _ = ref_sums_and_grads(name, hidden, kernel, targets, mask, 1.5, 0.5)
+  for key in SUM_KEYS:
+    np.testing.assert_allclose(float(naive[key]), ref[key], rtol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_equals_naive_path(name):
   hidden, kernel, targets, mask = make_inputs(3, (6, 20), 16, 130, scale=4.0)
 
@@ -157,29 +177,129 @@ def test_sharded_inputs_on_eight_devices(vocab_block_size, shard_axes):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(w))))
 
 
-def one_step(config):
-  trainer = train_lib.Trainer(config, "/tmp/unused-workdir")
+def tiny_batch(vocab, rows=8, seq=32, seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, vocab, (rows, seq + 1)).astype(np.int32)
+  mask = (rng.random((rows, seq)) > 0.2).astype(np.float32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask}
+
+
+def one_step(config, workdir):
+  """(parameter update, host metrics) of the first train step."""
+  trainer = train_lib.Trainer(config, str(workdir))
   state = train_lib.init_state(trainer.model, trainer.tx, trainer.mesh, trainer.rules,
                                config.data.seq_len, config.seed)
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, config.model.vocab_size, (8, 33)).astype(np.int32)
-  mask = (rng.random((8, 32)) > 0.2).astype(np.float32)
-  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask}
+  before = jax.device_get(state.params)  # The step donates the state.
+  batch = tiny_batch(config.model.vocab_size)
   state, metrics = trainer.train_step(state, sharding.make_global_batch(batch, trainer.mesh))
-  return state, train_lib.host_metrics(metrics)
+  update = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - b, jax.device_get(state.params), before)
+  return update, train_lib.host_metrics(metrics)
 
 
 @pytest.mark.slow
-def test_train_step_chunked_equals_naive(tiny_config):
-  """A whole step on a (2,2,2) mesh with two micro-batches (the normaliser spans both)."""
+def test_train_step_chunked_equals_naive(tiny_config, tmp_path):
+  """A whole step on a (2,2,2) mesh with two micro-batches (the normaliser spans both).
+
+  No warm-up, so the first step has the peak learning rate (a warm-up from 0 would make it a no-op). With
+  eps = 1 Adam's first update is lr * g / (|g| + 1), monotone in each gradient element rather than its sign,
+  and without weight decay it is the gradient's alone: comparing updates compares the two gradients.
+  """
   overrides = {"mesh.shape": (2, 2, 2), "mesh.num_devices": 0, "train.microbatches": 2, "loss.block_size": 48,
-               "loss.vocab_block_size": 200}
-  naive_state, naive = one_step(tiny_config(**overrides))
-  chunked_state, chunked = one_step(tiny_config(**overrides, **{"loss.impl": "chunked"}))
+               "loss.vocab_block_size": 200, "optim.warmup_steps": 0, "optim.eps": 1.0,
+               "optim.weight_decay": 0.0, "optim.learning_rate": 1.0}
+  naive_update, naive = one_step(tiny_config(**overrides), tmp_path / "naive")
+  chunked_update, chunked = one_step(tiny_config(**overrides, **{"loss.impl": "chunked"}), tmp_path / "chunked")
   for key in ("loss", "ce", "entropy", "weight_mean", "weight_max", "tokens", "grad_norm"):
     np.testing.assert_allclose(chunked[key], naive[key], rtol=2e-5, err_msg=key)
-  for a, b in zip(jax.tree.leaves(chunked_state.params), jax.tree.leaves(naive_state.params)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  assert naive["learning_rate"] == 1.0
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(chunked_update), jax.tree.leaves(naive_update)):
+    scale = np.abs(b).max()
+    assert scale > 1e-5, (path, scale)  # A real step: every parameter moved.
+    # float32 gradients of a sum over 256 tokens: relative 1e-4 of the largest element covers sqrt(256) eps
+    # growth with a wide margin, far below the update itself.
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * scale, err_msg=jax.tree_util.keystr(path))
+
+
+def f32_accumulation_tolerance(hidden, kernel, targets, mask):
+  """Float64 MiLe sums (gamma 1, sigma 1) and dz = d numerator / d logits [N, V] from bfloat16-exact
+  hidden [N, d] and kernel [d, V], with a bound on the error of sums computed with float32 accumulation.
+
+  Logits: d exact products (bfloat16 x bfloat16 fits float32) summed in float32, error at most
+  delta = 2 sqrt(d) eps32 max_v sum_k |h_k w_kv| per token. Then |d ce| <= 2 delta and
+  |d H| <= 2 delta (1 + range(z)) (H = lse - sum p z, |dp_i| <= 2 delta p_i), each plus the float32
+  reductions over V, 2 sqrt(V) eps32 max|z|; the sums add the per-token bounds of the valid targets.
+  """
+  h, w = np.asarray(hidden, np.float64), np.asarray(kernel, np.float64)
+  z = h @ w
+  d, v = w.shape
+  zmax = z.max(-1, keepdims=True)
+  logp = z - zmax - np.log(np.exp(z - zmax).sum(-1, keepdims=True))
+  p, ce = np.exp(logp), -logp[np.arange(len(targets)), targets]
+  weight = 1.0 - (p * logp).sum(-1)
+  delta = 2 * np.sqrt(d) * EPS32 * (np.abs(h) @ np.abs(w)).max(-1)
+  reduction = 2 * np.sqrt(v) * EPS32 * np.abs(z).max(-1)
+  tol_ce, tol_h = 2 * delta + reduction, 2 * delta * (1 + np.ptp(z, -1)) + reduction
+  valid = mask > 0
+  ref = {"loss_numerator": (weight * ce)[valid].sum(), "loss_denominator": weight[valid].sum(),
+         "ce_sum": ce[valid].sum(), "entropy_sum": (weight - 1.0)[valid].sum(), "weight_max": weight[valid].max(),
+         "tokens": valid.sum()}
+  tol = {"loss_numerator": (weight * tol_ce + ce * tol_h)[valid].sum(), "loss_denominator": tol_h[valid].sum(),
+         "ce_sum": tol_ce[valid].sum(), "entropy_sum": tol_h[valid].sum(), "weight_max": tol_h[valid].max(),
+         "tokens": 0.0}
+  dz = (weight * mask)[:, None] * (p - np.eye(v)[targets])
+  return ref, tol, dz
+
+
+def matmul_dtypes(jaxpr) -> set:
+  """{(operand dtypes, result dtype)} of every dot_general in a jaxpr, sub-jaxprs (loops, custom_vjp) included."""
+  found = set()
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      found.add((tuple(str(v.aval.dtype) for v in eqn.invars), str(eqn.outvars[0].aval.dtype)))
+    for sub in jax_core.jaxprs_in_params(eqn.params):
+      found |= matmul_dtypes(sub)
+  return found
+
+
+def test_bfloat16_naive_equals_chunked():
+  """bfloat16 hidden states through the naive loss (the model's own unembedding, float32 logits) and the
+  chunked loss: the same function. Both sums equal the float64 reference from the bfloat16 hidden states
+  and bfloat16-rounded unembedding within float32 accumulation error (rounding the logits to bfloat16
+  would miss by up to 8e-3 nats per token here). The gradients differ from the reference only by bfloat16
+  roundings (relative 2^-8): of the results (d hidden is bfloat16; the naive d kernel passes the float32
+  kernel's cast to bfloat16) and, on the chunked path, of each dz."""
+  cfg = model_lib.DecoderConfig(vocab_size=512, d_model=64, init_std=0.2, dtype="bfloat16")
+  rng = np.random.default_rng(6)
+  hidden = jnp.asarray(rng.standard_normal((128, cfg.d_model)), jnp.bfloat16)  # (N, d) like RMSNorm's output
+  kernel = model_lib.unembedding(cfg).init(jax.random.key(0), hidden[None])["params"]["kernel"]
+  kernel = nn.unbox(kernel)  # (d, V) float32
+  targets, mask = rng.integers(0, cfg.vocab_size, 128), (rng.random(128) > 0.2).astype(np.float32)
+  h64, w64 = np.asarray(hidden, np.float64), np.asarray(jnp.asarray(kernel, jnp.bfloat16), np.float64)
+  ref, tol, dz = f32_accumulation_tolerance(h64, w64, targets, mask)
+  ref_dh, abs_dh = dz @ w64.T, np.abs(dz) @ np.abs(w64).T
+  ref_dk, abs_dk = h64.T @ dz, np.abs(h64).T @ np.abs(dz)
+
+  def naive(h, w):
+    logits = model_lib.unembedding(cfg).apply({"params": {"kernel": w}}, h[None])[0]
+    assert logits.dtype == jnp.float32
+    sums = losses.loss_sums("mile", logits, targets, mask)
+    return sums["loss_numerator"], sums
+
+  naive_fn = jax.jit(jax.grad(naive, argnums=(0, 1), has_aux=True))
+  for impl, fn in (("naive", naive_fn), ("chunked", chunked_fn("mile", 1.0, 1.0, 48, 200, jnp.bfloat16))):
+    args = (hidden, kernel) if impl == "naive" else (hidden, kernel, targets, mask)
+    (d_hidden, d_kernel), sums = fn(*args)
+    # Platform-independent (a CPU may keep a bfloat16 matmul's result in float32): every matmul of the
+    # forward and backward passes returns float32, and the forward logits' take bfloat16 operands.
+    dtypes = matmul_dtypes(jax.make_jaxpr(fn)(*args).jaxpr)
+    assert {out for _, out in dtypes} == {"float32"} and (("bfloat16", "bfloat16"), "float32") in dtypes, dtypes
+    for key in SUM_KEYS:
+      assert abs(float(sums[key]) - ref[key]) <= tol[key], (impl, key, float(sums[key]) - ref[key], tol[key])
+    for got, want, spread in ((d_hidden, ref_dh, abs_dh), (d_kernel, ref_dk, abs_dk)):
+      err = np.abs(np.asarray(got, np.float64) - want)
+      # Plus an absolute floor for the float32 accumulation (about sqrt(N) eps32 relative to the largest).
+      bound = EPS16 * (np.abs(want) + spread) + 1e-6 * np.abs(want).max()
+      assert (err <= bound).all(), (impl, got.shape, (err / bound).max())
 
 
 @pytest.mark.parametrize("setting,value", [("loss.impl", "fused"), ("loss.block_size", 0),

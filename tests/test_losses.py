@@ -75,7 +75,8 @@ def test_value_and_gradient_match_reference(name, gamma, sigma):
   np.testing.assert_allclose(float(metrics["ce"]), ce[valid].mean(), rtol=1e-5)
   np.testing.assert_allclose(float(metrics["entropy"]), entropy[valid].mean(), rtol=1e-5)
   np.testing.assert_allclose(float(metrics["weight_mean"]), w[valid].mean(), rtol=1e-5)
-  np.testing.assert_allclose(float(metrics["weight_max"]), w[valid].max() / w[valid].mean(), rtol=1e-5)
+  # Both on the raw scale of w (the largest normalised weight is their ratio).
+  np.testing.assert_allclose(float(metrics["weight_max"]), w[valid].max(), rtol=1e-5)
   assert float(metrics["tokens"]) == valid.sum()
 
 
@@ -175,9 +176,78 @@ def test_combine_sums_equals_whole_batch():
   whole = losses.loss_sums("mile", logits, targets, mask)
   a = losses.loss_sums("mile", logits[:2], targets[:2], mask[:2])
   b = losses.loss_sums("mile", logits[2:], targets[2:], mask[2:])
-  combined = losses.combine_sums(a, b)
+  combined = losses.combine_sums(losses.combine_sums(None, a), b)
   for key in whole:
     np.testing.assert_allclose(float(combined[key]), float(whole[key]), rtol=1e-6)
+  # Other entries (a train step's) add; only weight_max takes the max.
+  steps = losses.combine_sums({"weight_max": 2.0, "steps": 1.0}, {"weight_max": 1.5, "steps": 1.0})
+  assert steps == {"weight_max": 2.0, "steps": 2.0}
+
+
+def test_normalize_sums_hand_values():
+  """Three valid targets with raw weights 1, 2 and 6 (alpha = 1/3): every metric by hand."""
+  ce, entropy, w = np.array([1.0, 2.0, 0.5]), np.array([0.0, 1.0, 5.0]), np.array([1.0, 2.0, 6.0])
+  sums = {"loss_numerator": np.float32((w * ce).sum()), "loss_denominator": np.float32(w.sum()),
+          "ce_sum": np.float32(ce.sum()), "entropy_sum": np.float32(entropy.sum()),
+          "weight_max": np.float32(6.0), "tokens": np.float32(3.0)}
+  loss, metrics = losses.normalize_sums(sums)
+  # loss = (1 + 4 + 3) / 9; weights on one (raw) scale: mean 3 <= max 6.
+  want = {"loss": 8.0 / 9.0, "ce": 3.5 / 3.0, "entropy": 2.0, "weight_mean": 3.0, "weight_max": 6.0, "tokens": 3.0}
+  assert float(loss) == pytest.approx(8.0 / 9.0, rel=1e-6)
+  for key, value in want.items():
+    assert float(metrics[key]) == pytest.approx(value, rel=1e-6), key
+  # No valid target: zeros, never NaN, and a zero gradient through the guarded division.
+  _, empty = losses.normalize_sums({k: np.float32(0.0) for k in sums})
+  assert all(float(v) == 0.0 for v in empty.values()), empty
+  assert float(jax.grad(lambda d: losses.safe_divide(2.0, d))(0.0)) == 0.0
+  assert float(jax.grad(lambda d: losses.safe_divide(2.0, d))(4.0)) == pytest.approx(-2.0 / 16.0)
+
+
+def masked_vocabulary_inputs():
+  """Logits [4, 6, 12] with columns 9..11 at -inf and a few more -inf entries; targets in the unmasked columns,
+  except at padding positions, where they point at a -inf logit (so their cross-entropy is inf)."""
+  logits, targets, mask = make_inputs(9, shape=(4, 6), vocab=12, scale=3.0)
+  logits[..., 9:] = -np.inf
+  logits[1, 2, 3] = -np.inf
+  rng = np.random.default_rng(10)
+  targets = rng.integers(0, 9, (4, 6))
+  targets[1, 2] = 4
+  targets[mask == 0] = 10
+  return logits, targets, mask
+
+
+def test_masked_vocabulary_hand_values():
+  """p = (1/2, 1/2) and p = (1/4, 3/4) over the finite logits: H and ce by hand."""
+  logits = np.array([[0.0, 0.0, -np.inf, -np.inf], [-np.inf, np.log(1.0), np.log(3.0), -np.inf]], np.float32)
+  targets = np.array([0, 2])
+  want_h = [np.log(2.0), -(0.25 * np.log(0.25) + 0.75 * np.log(0.75))]
+  np.testing.assert_allclose(np.asarray(losses.token_entropy(logits)), want_h, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(losses.token_cross_entropy(logits, targets)),
+                             [np.log(2.0), -np.log(0.75)], rtol=1e-6)
+  grad = jax.grad(lambda z: losses.cross_entropy(z, targets, np.ones(2))[0])(jnp.asarray(logits))
+  np.testing.assert_allclose(np.asarray(grad), [[-0.25, 0.25, 0, 0], [0, 0.125, -0.125, 0]], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_masked_vocabulary_matches_reference_without_those_columns(name):
+  """-inf logits behave as absent classes: values equal the float64 reference on the finite columns only,
+  the gradient is finite (0 on the -inf columns), and padded targets at -inf logits change nothing."""
+  logits, targets, mask = masked_vocabulary_inputs()
+  kept = logits[..., :9].astype(np.float64)
+  kept[1, 2, 3] = -1e300  # exp underflows to 0 in float64: the class is absent.
+  valid_targets = np.where(mask > 0, targets, 0)
+  ref_loss, ref_grad, ce, entropy, w = ref_loss_and_grad(name, kept, valid_targets, mask, 1.5, 0.5)
+  (loss, metrics), grad = jax.value_and_grad(loss_fn(name, 1.5, 0.5), has_aux=True)(
+      jnp.asarray(logits), targets, mask)
+  valid = mask > 0
+  np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["entropy"]), entropy[valid].mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["ce"]), ce[valid].mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["weight_max"]), w[valid].max(), rtol=1e-5)
+  grad = np.asarray(grad)
+  assert np.isfinite(grad).all()
+  np.testing.assert_allclose(grad[..., :9], ref_grad, rtol=1e-4, atol=1e-7)
+  assert not grad[..., 9:].any() and grad[1, 2, 3] == 0.0
 
 
 def test_unknown_loss_name():

@@ -74,9 +74,37 @@ def test_grouped_query_attention_matches_repeated_heads():
   np.testing.assert_allclose(np.asarray(out_gqa), np.asarray(out_mha), rtol=1e-4, atol=1e-5)
 
 
+def test_bfloat16_logits_accumulate_in_float32(tiny):
+  """bfloat16 compute: the logits are float32 and equal the float64 product of the bfloat16 hidden states and
+  bfloat16-rounded unembedding within float32 accumulation error (d exact products: |error| <=
+  2 sqrt(d) eps32 sum_k |h_k w_kv|), not bfloat16's 2^-8 relative rounding."""
+  _, params, _ = tiny  # float32 parameters serve any compute dtype.
+  model = model_lib.Decoder(model_lib.DecoderConfig(**{**TINY.__dict__, "dtype": "bfloat16"}))
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, TINY.vocab_size, (2, 16)))
+  logits, captured = model.apply({"params": params}, tokens, mutable=["intermediates"],
+                                 capture_intermediates=lambda module, _: module.name == "final_norm")
+  (hidden,) = captured["intermediates"]["final_norm"]["__call__"]  # (B, T, D), the unembedding's input
+  assert logits.dtype == jnp.float32 and hidden.dtype == jnp.bfloat16
+  h = np.asarray(hidden, np.float64)
+  w = np.asarray(jnp.asarray(params["lm_head"]["kernel"], jnp.bfloat16), np.float64)
+  bound = 2 * np.sqrt(TINY.d_model) * 2.0 ** -24 * (np.abs(h) @ np.abs(w))
+  assert (np.abs(np.asarray(logits, np.float64) - h @ w) <= bound).all()
+  assert np.abs(h @ w).max() > 1.0  # Logits large enough that bfloat16 rounding would exceed the bound.
+
+
+def test_float16_is_rejected_with_a_pointer_to_bfloat16(tiny_config):
+  with pytest.raises(config_lib.ConfigError, match=r"^model\.dtype: float16 .*use bfloat16") as error:
+    config_lib.validate(tiny_config(**{"model.dtype": "float16"}))
+  assert "\n" not in str(error.value)
+  config_lib.validate(tiny_config(**{"model.dtype": "bfloat16"}))
+
+
 @pytest.mark.parametrize("size,expected", [("468m", 468.2e6), ("1b", 1.205e9), ("7b", 6.74e9)])
 def test_paper_parameter_counts(size, expected):
-  cfg = model_lib.DecoderConfig.from_config(config_lib.paper_config(size).model)
+  config = config_lib.paper_config(size)
+  # bfloat16 compute with the chunked loss, which never holds the [tokens, 32000] float32 logits.
+  assert (config.model.dtype, config.loss.impl) == ("bfloat16", "chunked")
+  cfg = model_lib.DecoderConfig.from_config(config.model)
   n = model_lib.count_params(model_lib.abstract_params(cfg))
   assert abs(n - expected) / expected < 0.01, n
 

@@ -72,12 +72,54 @@ def _losses(workdir):
     return [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, f) if r["split"] == "train"]
 
 
+def _train_py_in_two_processes(config_file, workdir) -> list[str]:
+  """train.py in 2 processes x 2 CPU devices (gloo, coordinator on 127.0.0.1): their outputs."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  address = f"127.0.0.1:{_free_port()}"
+  procs = [subprocess.Popen(
+      [sys.executable, "train.py", f"--config={config_file}", f"--workdir={workdir}",
+       f"--config.distributed.coordinator_address={address}", "--config.distributed.num_processes=2",
+       f"--config.distributed.process_id={i}"],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = []
+  for p in procs:
+    try:
+      outputs.append(p.communicate(timeout=200)[0])
+    finally:
+      p.kill()
+  assert [p.returncode for p in procs] == [0, 0], outputs
+  return outputs
+
+
+def _flat(tree):
+  return {"/".join(str(k) for k in path): np.asarray(jax.device_get(leaf))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+# The error model of comparing 2 processes with 1. Every step sums the 8 x 32 tokens' gradients (and
+# loss terms) in another order: the sums differ by about u sqrt(n) of their largest term, u = 2^-24.
+STEPS = 6
+ROUNDING = 2.0 ** -24 * np.sqrt(8 * 32)  # ~9.5e-7
+# Losses and gradient norms: one such sum each, x4 for what the earlier steps' rounding leaves in the
+# parameters. Adam's moments: averages of STEPS gradients (squared for nu: x2), errors adding at worst
+# linearly, relative to the leaf's largest entry (an entry near 0 can lose all its digits). Parameters:
+# Adam divides each entry's update by that entry's own gradient scale, which amplifies the gradient's
+# rounding by max|g| / |g_i|; over a leaf (L2) that stays below 100 ROUNDING of the distance moved
+# unless gradients sit within a few ROUNDING of 0. Restoring the wrong step or misplacing a shard
+# is off by the order of the distance moved itself.
+LOSS_RTOL = 4 * ROUNDING
+MOMENT_TOL = 2 * STEPS * ROUNDING
+PARAMS_TOL = 100 * ROUNDING
+
+
 @pytest.mark.slow
-def test_two_processes_match_one_and_their_checkpoint_restores_in_one(tiny_config, tmp_path):
-  """train.py in 2 processes x 2 CPU devices (gloo, coordinator on 127.0.0.1), FSDP over all 4
-  devices so every parameter is split across the processes, against one process with 4 devices."""
-  config = tiny_config(**{"train.steps": 6, "train.log_every": 1, "checkpoint.every_steps": 3,
-                          "mesh.shape": (1, 4, 1), "mesh.num_devices": 0})
+def test_two_processes_match_one_and_agree_on_the_checkpoint_they_resume_from(tiny_config, tmp_path):
+  """train.py in 2 processes x 2 CPU devices, FSDP over all 4 devices so every parameter is split
+  across the processes, against one process with 4 devices; its checkpoint restores in one process
+  onto another mesh. Then step 6's shards of process 1 are garbled: only process 1 can see it, yet
+  both resume from step 3 and end where the uninterrupted run did."""
+  config = tiny_config(**{"train.steps": STEPS, "train.log_every": 1, "checkpoint.every_steps": 3,
+                          "mesh.shape": (1, 4, 1), "mesh.num_devices": 0, "checkpoint.async_save": True})
   reference_dir = str(tmp_path / "one_process")
   # Also fills the data cache ($MILE_JAX_CACHE) that the two processes then read.
   reference = train_lib.Trainer(config, reference_dir, devices=jax.devices()[:4]).run()
@@ -89,46 +131,51 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(tiny_confi
                          f"  with open({str(config_json)!r}) as f:\n"
                          "    return ml_collections.ConfigDict(json.load(f))\n")
   workdir = str(tmp_path / "two_processes")
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  address = f"127.0.0.1:{_free_port()}"
-  procs = [subprocess.Popen(
-      [sys.executable, "train.py", f"--config={config_file}", f"--workdir={workdir}",
-       f"--config.distributed.coordinator_address={address}", "--config.distributed.num_processes=2",
-       f"--config.distributed.process_id={i}"],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outputs = []
-  for p in procs:
-    try:
-      outputs.append(p.communicate(timeout=150)[0])
-    finally:
-      p.kill()
-  assert [p.returncode for p in procs] == [0, 0], outputs
+  outputs = _train_py_in_two_processes(config_file, workdir)
   # Only process 0 prints metrics.
   assert "[train] step 6" in outputs[0] and "[train]" not in outputs[1]
 
   one, two = _losses(reference_dir), _losses(workdir)
-  assert [s for s, _, _ in two] == [1, 2, 3, 4, 5, 6]
-  np.testing.assert_allclose([l for _, l, _ in two], [l for _, l, _ in one], rtol=1e-6)
-  np.testing.assert_allclose([g for _, _, g in two], [g for _, _, g in one], rtol=1e-5)
+  assert [s for s, _, _ in two] == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([l for _, l, _ in two], [l for _, l, _ in one], rtol=LOSS_RTOL)
+  np.testing.assert_allclose([g for _, _, g in two], [g for _, _, g in one], rtol=LOSS_RTOL)
   assert one[-1][1] < one[0][1] - 0.1  # Training moved the parameters.
 
   # The 2-process checkpoint restores in this single process onto another mesh.
-  restorer = train_lib.Trainer(tiny_config(**{"mesh.shape": (2, 4, 1), "mesh.num_devices": 0}), str(tmp_path / "restore"))
-  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=3, max_to_keep=3)
-  assert checkpointer.all_steps() == [3, 6]
+  restorer = train_lib.Trainer(tiny_config(**{"mesh.shape": (2, 4, 1), "mesh.num_devices": 0}),
+                               str(tmp_path / "restore"))
+  checkpoints = os.path.join(workdir, "checkpoints")
   target = checkpoint_lib.abstract_with_shardings(restorer.abstract_state, restorer.state_shardings)
-  restored = checkpointer.restore(6, target)
-  assert int(restored.step) == 6
-  fresh = train_lib.init_state(restorer.model, restorer.tx, restorer.mesh, restorer.rules, config.data.seq_len,
-                               config.seed)
-  leaves = [jax.tree.leaves(t.params) for t in (reference, restored, fresh)]
-  assert len(leaves[0]) == len(leaves[1]) == len(leaves[2]) > 0
-  moved = 0.0
-  for ref, got, init in zip(*leaves):
-    # Gradients summed across processes (gloo) rather than inside one process differ in rounding
-    # only, which Adam's first steps magnify to ~1e-6; training moved the parameters by ~1e-2.
-    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=0, atol=1e-5)
-    moved = max(moved, float(np.max(np.abs(np.asarray(got) - np.asarray(init)))))
-  assert moved > 1e-3
-  for ref, got in zip(jax.tree.leaves(reference.opt_state), jax.tree.leaves(restored.opt_state)):
-    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-9)
+  def restore(step):
+    checkpointer = checkpoint_lib.Checkpointer(checkpoints, every_steps=3, max_to_keep=3)
+    assert checkpointer.all_steps() == [3, 6]
+    return _flat(checkpointer.restore(step, target))
+  restored = restore(6)
+  fresh = _flat(train_lib.init_state(restorer.model, restorer.tx, restorer.mesh, restorer.rules,
+                                     config.data.seq_len, config.seed))
+  expected = _flat(reference)
+  assert sorted(restored) == sorted(expected) and int(restored[".step"]) == STEPS
+  for name, ref in expected.items():
+    got = restored[name]
+    if not np.issubdtype(ref.dtype, np.floating):
+      np.testing.assert_array_equal(got, ref, err_msg=name)
+    elif name.startswith(".params"):
+      moved = np.linalg.norm(ref.astype(np.float64) - fresh[name])
+      assert moved > 1e-3, name  # Training moved every parameter.
+      assert np.linalg.norm(got.astype(np.float64) - ref) <= PARAMS_TOL * moved, name
+    else:
+      np.testing.assert_allclose(got, ref, rtol=0, atol=MOMENT_TOL * np.max(np.abs(ref)), err_msg=name)
+
+  for name in os.listdir(os.path.join(checkpoints, "6", "state", "ocdbt.process_1", "d")):
+    path = os.path.join(checkpoints, "6", "state", "ocdbt.process_1", "d", name)
+    with open(path, "r+b") as f:
+      f.write(os.urandom(os.path.getsize(path)))
+  outputs = _train_py_in_two_processes(config_file, workdir)
+  assert (f"Checkpoint {checkpoints}/6 (unreadable on process 1) is unreadable; restored the previous one, "
+          f"{checkpoints}/3, instead") in outputs[0], outputs[0]
+  assert all(f"Resuming from {checkpoints}/3" in o for o in outputs), outputs
+  assert _losses(workdir) == two  # Steps 4 to 6 again, bit for bit.
+  assert os.path.isdir(f"{checkpoints}/6{checkpoint_lib.UNREADABLE_SUFFIX}")
+  again = restore(6)
+  for name, value in restored.items():
+    np.testing.assert_array_equal(again[name], value, err_msg=name)

@@ -16,8 +16,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from mile_jax.config_lib import ConfigError
 from mile_jax.data import builtin
+from mile_jax.errors import ConfigError
 
 BUILTIN = ("builtin:pydocs",)
 GENERATED = ("synthetic:zipf",)  # token ids from a known process; see synthetic.py
@@ -32,6 +32,7 @@ class Corpus:
   validation: Sequence[str]
   train_key: str
   validation_key: str
+  validation_setting: str = "data.val_fraction"  # the setting that sizes the validation split
 
 
 def check_source(source: str) -> None:
@@ -57,7 +58,11 @@ def documents_key(source: str, docs: Sequence[builtin.Document]) -> str:
 
 
 def _builtin(source: str, val_fraction: float) -> Corpus:
-  train, val = builtin.split_documents(builtin.pydocs_documents(), val_fraction)
+  docs = builtin.pydocs_documents()
+  train, val = builtin.split_documents(docs, val_fraction)
+  if not val:
+    raise ConfigError(f"data.val_fraction: {val_fraction} holds out none of the {len(docs)} documents of "
+                      f"{source}; raise data.val_fraction")
   return Corpus(train=[t for _, t in train], validation=[t for _, t in val],
                 train_key=documents_key(source, train), validation_key=documents_key(source, val))
 
@@ -87,9 +92,9 @@ def load_corpus(data_config: Any, cache_dir: str) -> Corpus:
     return Corpus(train=tfds_sources.TextSequence(splits["train"], "text"),
                   validation=tfds_sources.TextSequence(splits["validation"], "text"),
                   train_key=key + "|train", validation_key=key + "|validation")
-  train, val, key = tfds_sources.open_tfds(
+  train, val, key, val_setting = tfds_sources.open_tfds(
       source[len("tfds:"):], data_config.data_dir, train_split=data_config.train_split,
       val_split=data_config.val_split, text_field=data_config.text_field,
       val_fraction=data_config.val_fraction, download=data_config.tfds_download)
   return Corpus(train=train, validation=val, train_key=key + "|train",
-                validation_key=key + "|validation")
+                validation_key=key + "|validation", validation_setting=val_setting)

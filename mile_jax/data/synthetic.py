@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 from sentencepiece import sentencepiece_model_pb2 as sp_model
 
-from mile_jax.config_lib import ConfigError
 from mile_jax.data.packing import PackedDataset
 from mile_jax.data.tokenizer import Tokenizer, load_tokenizer, write_atomic
+from mile_jax.errors import ConfigError
 
 NUM_SPECIAL = 4
 EOS_ID = 3

@@ -19,7 +19,7 @@ import re
 import zlib
 from collections.abc import Iterator, Sequence
 
-from mile_jax.config_lib import ConfigError
+from mile_jax.errors import ConfigError
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")

@@ -20,8 +20,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from mile_jax.config_lib import ConfigError
 from mile_jax.data import builtin, text_files
+from mile_jax.errors import ConfigError
 
 BUILDER_NAME = "mile_jax_text_files"
 # Part of the prepared dataset's name: bump when the records change meaning.
@@ -258,8 +258,9 @@ def open_tfds(name: str, data_dir: str, *, train_split: str, val_split: str, tex
     download: prepare the dataset (as array_record) if it is not there.
 
   Returns:
-    ``(train, validation, key)``: two ``TextSequence`` and a string that
-    identifies the data.
+    ``(train, validation, key, validation_setting)``: two ``TextSequence``, a
+    string that identifies the data, and the setting that sizes the
+    validation split (``data.val_split`` or, for a hold-out, ``data.val_fraction``).
   """
   builder = prepared_builder(name, data_dir, setting="data.source", download=download,
                              prepare_hint=" or set data.tfds_download=True")
@@ -285,7 +286,8 @@ def open_tfds(name: str, data_dir: str, *, train_split: str, val_split: str, tex
     train = TextSequence(train_records, text_field, train_idx)
     val = TextSequence(train_records, text_field, val_idx)
     key += f"|{len(train_records)}|holdout={val_fraction}"
+  val_setting = "data.val_split" if val_split else "data.val_fraction"
   if not len(train) or not len(val):
-    raise ConfigError(f"data.source: TFDS dataset {name!r} gives {len(train)} train and "
-                      f"{len(val)} validation documents; both must be non-empty")
-  return train, val, key
+    raise ConfigError(f"{val_setting if len(train) else 'data.train_split'}: TFDS dataset {name!r} gives "
+                      f"{len(train)} train and {len(val)} validation documents; both must be non-empty")
+  return train, val, key, val_setting

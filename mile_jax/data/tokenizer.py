@@ -18,7 +18,11 @@ from collections.abc import Iterator, Sequence
 import sentencepiece as spm
 from etils import epath
 
+from mile_jax.errors import ConfigError
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+NUM_SPECIAL = 4  # pad, unk, bos, eos
+NUM_BYTE_PIECES = 256  # <0x00> ... <0xFF> with byte fallback
 # Part of the cache key: bump when the trainer options below change meaning.
 _TRAINER_VERSION = "spm-lossless-v1"
 # Paragraphs longer than this (bytes) would be skipped by the trainer.
@@ -74,7 +78,7 @@ class Tokenizer:
 
   @property
   def model_path(self) -> str:
-    """The ``.model`` file this tokenizer was loaded from."""
+    """The ``.model`` file this tokenizer was loaded from ("" for a model received from process 0)."""
     return self._model_path
 
   def serialized_model(self) -> bytes:
@@ -104,12 +108,44 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-  """Load a SentencePiece ``.model`` file (a local path or a gs:// / s3:// URI)."""
+  """Load a SentencePiece ``.model`` file (a local path or a gs:// / s3:// URI).
+
+  Raises:
+    FileNotFoundError: no such file.
+    RuntimeError: the file is not a SentencePiece model (SentencePiece's own error).
+  """
   model = epath.Path(path)
   if not model.is_file():
     raise FileNotFoundError(f"tokenizer model file not found: {path!r}")
-  processor = spm.SentencePieceProcessor(model_proto=model.read_bytes())
-  return Tokenizer(processor, path)
+  return tokenizer_from_model(model.read_bytes(), path)
+
+
+def tokenizer_from_model(serialized: bytes, model_path: str) -> Tokenizer:
+  """A tokenizer from a serialized SentencePiece model, which ``model_path`` holds ("" for none)."""
+  return Tokenizer(spm.SentencePieceProcessor(model_proto=serialized), model_path)
+
+
+def min_trainable_vocab_size(byte_fallback: bool) -> int:
+  """The smallest ``vocab_size`` the SentencePiece trainer accepts, for any corpus.
+
+  The 4 special pieces, the 256 byte pieces with byte fallback, and one
+  character: training bpe or unigram (with this module's options) on a corpus
+  of the single character U+2581 succeeds at 5 pieces (261 with byte
+  fallback) and fails below. Every other character of a corpus needs one
+  piece more (the trainer names how many).
+  """
+  return NUM_SPECIAL + 1 + (NUM_BYTE_PIECES if byte_fallback else 0)
+
+
+def check_trainable_vocab_size(vocab_size: int, byte_fallback: bool) -> None:
+  """Raises ConfigError naming model.vocab_size when no tokenizer of that size can be trained."""
+  smallest = min_trainable_vocab_size(byte_fallback)
+  if vocab_size < smallest:
+    parts = f"{NUM_SPECIAL} special pieces" + (
+        f", {NUM_BYTE_PIECES} byte pieces (data.byte_fallback=True)" if byte_fallback else "")
+    raise ConfigError(f"model.vocab_size: no tokenizer of {vocab_size} pieces can be trained; the smallest is "
+                      f"{smallest}: {parts} and one character, plus one for each further character of the "
+                      f"corpus. Raise model.vocab_size, or set data.tokenizer_path")
 
 
 def _cache_path(cache_dir: str, **key) -> str:
@@ -159,12 +195,14 @@ def train_tokenizer(
     num_threads: trainer threads; 0 means one per CPU core.
 
   Raises:
-    ValueError: if ``vocab_size`` is impossible for this corpus.
+    ValueError: if ``vocab_size`` is impossible for this corpus (a
+      ConfigError, before training, when it is for every corpus).
   """
   if model_type not in ("bpe", "unigram"):
     raise ValueError(
         f"data.tokenizer_model_type must be 'bpe' or 'unigram', got {model_type!r}"
     )
+  check_trainable_vocab_size(vocab_size, byte_fallback)
   path = _cache_path(
       cache_dir,
       corpus_key=corpus_key,
@@ -205,9 +243,13 @@ def train_tokenizer(
     )
   except RuntimeError as e:
     if "Vocabulary size" in str(e):
+      # "INTERNAL: src/trainer_interface.cc(638) [check] Vocabulary size is ...": the part after the check.
+      detail = str(e).split("] ", 1)[-1].strip().replace(
+          "Increase vocab_size or decrease character_coverage with --character_coverage option.",
+          "Raise model.vocab_size or lower data.character_coverage.")
       raise ValueError(
           f"model.vocab_size={vocab_size} is impossible for this corpus with "
-          f"model_type={model_type!r}, byte_fallback={byte_fallback}: {e}"
+          f"model_type={model_type!r}, byte_fallback={byte_fallback}: {detail}"
       ) from e
     raise
   processor = spm.SentencePieceProcessor(model_proto=model.getvalue())

@@ -24,7 +24,7 @@ from mile_jax import losses
 from mile_jax import sharding
 from mile_jax.evaluation import generation
 from mile_jax.evaluation import scoring
-from mile_jax.evaluation.restore import Restored
+from mile_jax.evaluation.model_on_mesh import ModelOnMesh
 
 
 def length_buckets(max_len: int, smallest: int = 32) -> tuple[int, ...]:
@@ -47,26 +47,27 @@ def _score_rows(params, batch, *, model):
 
 
 class LanguageModel:
-  """Scores and continues text with a restored checkpoint.
+  """Scores and continues text with a model on its mesh.
 
   Args:
-    restored: from `restore.restore`.
+    loaded: a restored checkpoint (`restore.restore`) or a training run's live
+      parameters (`in_training`); its `params` are read at every call.
     batch_size: rows per forward pass (rounded up to the data-parallel size).
     progress: show a progress bar per call.
   """
 
-  def __init__(self, restored: Restored, batch_size: int = 32, progress: bool = True):
-    self.restored = restored
-    self.tokenizer = restored.tokenizer
-    dp = sharding.data_parallel_size(restored.mesh)
+  def __init__(self, loaded: ModelOnMesh, batch_size: int = 32, progress: bool = True):
+    self.loaded = loaded
+    self.tokenizer = loaded.tokenizer
+    dp = sharding.data_parallel_size(loaded.mesh)
     self.batch_size = -(-max(batch_size, 1) // dp) * dp
-    self.max_len = restored.max_seq_len
+    self.max_len = loaded.max_seq_len
     self.buckets = length_buckets(self.max_len)
-    data = restored.config.data
+    data = loaded.config.data
     self.prefix = [self.tokenizer.bos_id] if data.get("add_bos", False) else [self.tokenizer.eos_id]
     self.progress = progress
-    self._score = jax.jit(functools.partial(_score_rows, model=restored.model))
-    self._generator = generation.GreedyGenerator(restored.model.cfg, restored.mesh)
+    self._score = jax.jit(functools.partial(_score_rows, model=loaded.model))
+    self._generator = generation.GreedyGenerator(loaded.model.cfg, loaded.mesh)
 
   # --- tokenization -------------------------------------------------------
 
@@ -93,7 +94,7 @@ class LanguageModel:
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
     batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-    with self.restored.context():
+    with self.loaded.context():
       for batch_ids in tqdm.tqdm(batches, desc=desc, disable=not self.progress, dynamic_ncols=True, leave=False):
         longest = len(rows[batch_ids[0]][0]) - 1
         width = next(b for b in self.buckets if b >= longest)
@@ -106,8 +107,8 @@ class LanguageModel:
           inputs[r, :n], targets[r, :n] = seq[:-1], seq[1:]
           mask[r, n - scored:n] = 1.0
         batch = sharding.make_global_batch({"inputs": inputs, "targets": targets, "mask": mask},
-                                           self.restored.mesh)
-        logp, greedy = jax.device_get(self._score(self.restored.params, batch))
+                                           self.loaded.mesh)
+        logp, greedy = jax.device_get(self._score(self.loaded.params, batch))
         for r, i in enumerate(batch_ids):
           results[i] = (float(logp[r]), bool(greedy[r]))
     return results
@@ -157,13 +158,13 @@ class LanguageModel:
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     outputs: list[str] = [""] * len(prompts)
     batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-    with self.restored.context():
+    with self.loaded.context():
       for batch_ids in tqdm.tqdm(batches, desc=desc, disable=not self.progress, dynamic_ncols=True, leave=False):
         width = next(b for b in self.buckets if b >= len(prompts[batch_ids[0]]))
         width = min(width, max_prompt)
         rows = [prompts[i] for i in batch_ids]
         rows += [rows[-1]] * (self.batch_size - len(rows))  # filler rows, discarded
-        tokens = self._generator.generate(self.restored.params, rows, max_new, prompt_len=width, done=done,
+        tokens = self._generator.generate(self.loaded.params, rows, max_new, prompt_len=width, done=done,
                                           use_cache=use_cache)
         for r, i in enumerate(batch_ids):
           ids = tokens[r][:-1] if tokens[r] and tokens[r][-1] == eos else tokens[r]

@@ -29,8 +29,9 @@ import tqdm
 
 from mile_jax import losses
 from mile_jax import sharding
+from mile_jax.evaluation import buckets as buckets_lib
 from mile_jax.evaluation.errors import EvalError
-from mile_jax.evaluation.restore import Restored
+from mile_jax.evaluation.model_on_mesh import ModelOnMesh
 
 
 def bucket_sums(params, batch, bucket_of_id, *, model, num_buckets: int) -> dict[str, jax.Array]:
@@ -77,15 +78,16 @@ def _sums_fn(model, num_buckets: int, mesh: jax.sharding.Mesh):
                  out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
-def evaluate(restored: Restored, dataset: Any, *, batch_size: int, max_batches: int = 0,
-             bucket_of_id: np.ndarray | None = None, num_buckets: int = 1, desc: str = "ppl") -> dict[str, np.ndarray]:
+def evaluate(loaded: ModelOnMesh, dataset: Any, *, batch_size: int, max_batches: int = 0,
+             bucket_of_id: np.ndarray | None = None, num_buckets: int = 1, desc: str = "ppl",
+             progress: bool = True) -> dict[str, np.ndarray]:
   """Sums (float64) over `dataset.batch(0..)` of `batch_size` rows: those of
   `bucket_sums`, (num_buckets,), and in place of its per-row arrays, `row_moments`.
 
   One pass over the dataset's rows (whole batches only), or `max_batches`
-  batches when that is positive.
+  batches when that is positive. `progress`: show a progress bar.
   """
-  dp = sharding.data_parallel_size(restored.mesh)
+  dp = sharding.data_parallel_size(loaded.mesh)
   if batch_size % dp:
     raise EvalError(f"--batch_size={batch_size} must be a multiple of the data-parallel size {dp}")
   available = dataset.rows_per_epoch // batch_size
@@ -94,14 +96,14 @@ def evaluate(restored: Restored, dataset: Any, *, batch_size: int, max_batches: 
                     f"lower --batch_size")
   count = min(available, max_batches) if max_batches > 0 else available
   if bucket_of_id is None:
-    bucket_of_id = np.zeros(restored.config.model.vocab_size, np.int32)
-  fn = _sums_fn(restored.model, num_buckets, restored.mesh)
+    bucket_of_id = np.zeros(loaded.config.model.vocab_size, np.int32)
+  fn = _sums_fn(loaded.model, num_buckets, loaded.mesh)
   buckets = jnp.asarray(bucket_of_id, jnp.int32)
   totals = None
-  with restored.context():
-    for step in tqdm.trange(count, desc=desc, dynamic_ncols=True, leave=False):
+  with loaded.context():
+    for step in tqdm.trange(count, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
       local = dataset.batch(step, batch_size, jax.process_index(), jax.process_count())
-      sums = jax.device_get(fn(restored.params, sharding.make_global_batch(local, restored.mesh), buckets))
+      sums = jax.device_get(fn(loaded.params, sharding.make_global_batch(local, loaded.mesh), buckets))
       sums = {k: np.asarray(v, np.float64) for k, v in sums.items()}
       sums.update(row_moments(sums.pop("row_ce"), sums.pop("row_tokens")))
       totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
@@ -143,3 +145,17 @@ def _ratio_stderr(ratio: float, tokens: float, yy: float, yn: float, nn: float, 
 
 def per_bucket(sums: dict[str, np.ndarray], names: Sequence[str]) -> dict[str, dict[str, float]]:
   return {name: summarize(sums, k) for k, name in enumerate(names)}
+
+
+def bucket_metrics(sums: dict[str, np.ndarray], bucket_of_id: np.ndarray) -> dict[str, dict]:
+  """`<bucket>.perplexity`, `.entropy`, `.tokens` and `.ids`, each {value, stderr},
+  per frequency bucket (`buckets.BUCKET_NAMES`), from `evaluate`'s sums with
+  `bucket_of_id` int32 (V,)."""
+  metrics = {}
+  for k, name in enumerate(buckets_lib.BUCKET_NAMES):
+    s = summarize(sums, k)
+    metrics[f"{name}.perplexity"] = {"value": s["perplexity"], "stderr": s["perplexity_stderr_rows"]}
+    metrics[f"{name}.entropy"] = {"value": s["entropy"], "stderr": None}
+    metrics[f"{name}.tokens"] = {"value": s["tokens"], "stderr": None}
+    metrics[f"{name}.ids"] = {"value": float((bucket_of_id == k).sum()), "stderr": None}
+  return metrics

@@ -19,38 +19,25 @@ import ml_collections
 import numpy as np
 
 from mile_jax import checkpoint as checkpoint_lib
-from mile_jax import config_lib
 from mile_jax import model as model_lib
 from mile_jax import optim
 from mile_jax import sharding
 from mile_jax import train_lib
 from mile_jax import workdir as workdir_lib
 from mile_jax.data import tokenizer as tokenizer_lib
+from mile_jax.errors import ConfigError
 from mile_jax.evaluation.errors import EvalError
+from mile_jax.evaluation.model_on_mesh import ModelOnMesh
 
 DEFAULT_MESH_SHAPE = (1, -1, 1)
 
 
 @dataclasses.dataclass
-class Restored:
-  """A restored model ready to evaluate."""
-  config: ml_collections.ConfigDict
-  model: model_lib.Decoder
-  params: Any  # unboxed parameter tree placed with its NamedShardings
-  mesh: jax.sharding.Mesh
-  rules: tuple
-  tokenizer: tokenizer_lib.Tokenizer
+class Restored(ModelOnMesh):
+  """A checkpoint's model ready to evaluate, and where it came from."""
   step: int
   workdir: str
   config_hash: str
-
-  def context(self):
-    """The mesh and logical-axis rules, entered around every traced call."""
-    return train_lib.mesh_context(self.mesh, self.rules)
-
-  @property
-  def max_seq_len(self) -> int:
-    return int(self.config.model.max_seq_len)
 
   def token_counts(self) -> np.ndarray:
     """int64 [vocab]: training-split occurrences of each token id."""
@@ -128,7 +115,7 @@ def restore(path: str, step: int | None = None, mesh_shape: Sequence[int] = DEFA
   tokenizer_path = workdir_lib.join(workdir, "tokenizer.model")
   if not workdir_lib.path(tokenizer_path).is_file():
     raise EvalError(f"{tokenizer_path} is missing: eval.py needs the tokenizer that train.py writes into the workdir")
-  tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path)
+  tokenizer = load_run_tokenizer(tokenizer_path, config.model.vocab_size)
   try:
     mesh = sharding.make_mesh(mesh_shape, devices)
   except ValueError as e:
@@ -138,6 +125,20 @@ def restore(path: str, step: int | None = None, mesh_shape: Sequence[int] = DEFA
   params = restore_params(checkpoint_dir, step, model, mesh, rules, config, config_json)
   return Restored(config=config, model=model, params=params, mesh=mesh, rules=rules, tokenizer=tokenizer,
                   step=step, workdir=workdir, config_hash=config_hash(config_json))
+
+
+def load_run_tokenizer(path: str, vocab_size: int) -> tokenizer_lib.Tokenizer:
+  """The run's `tokenizer.model` at `path`; EvalError naming the file unless it
+  is a SentencePiece model of the run's `vocab_size` pieces."""
+  fix = ("copy the run's tokenizer back: every checkpoint's meta holds it (mile_jax.checkpoint.tokenizer_bytes)")
+  try:
+    tokenizer = tokenizer_lib.load_tokenizer(path)
+  except (RuntimeError, OSError) as e:  # SentencePiece raises RuntimeError for bytes it cannot parse.
+    why = "it cannot be parsed" if isinstance(e, RuntimeError) else f"{type(e).__name__}: {e}"
+    raise EvalError(f"{path} is not a readable SentencePiece model ({why}); {fix}") from None
+  if tokenizer.vocab_size != vocab_size:
+    raise EvalError(f"{path} has {tokenizer.vocab_size} pieces, the run's model.vocab_size is {vocab_size}; {fix}")
+  return tokenizer
 
 
 def restore_params(checkpoint_dir: str, step: int, model: model_lib.Decoder, mesh: jax.sharding.Mesh,
@@ -159,7 +160,7 @@ def restore_params(checkpoint_dir: str, step: int, model: model_lib.Decoder, mes
   try:
     return checkpointer.restore_params(
         step, checkpoint_lib.abstract_with_shardings(abstract.params, shardings.params))
-  except config_lib.ConfigError as e:
+  except ConfigError as e:
     try:
       diffs = checkpoint_lib.config_differences(checkpointer.restore_config(step), config_json, ("model",))
     except Exception:  # pylint: disable=broad-except

@@ -10,14 +10,13 @@ import ml_collections
 
 from mile_jax import data as data_lib
 from mile_jax import workdir as workdir_lib
-from mile_jax.config_lib import ConfigError
+from mile_jax.errors import ConfigError
 from mile_jax.evaluation import buckets as buckets_lib
 from mile_jax.evaluation import lm as lm_lib
 from mile_jax.evaluation import perplexity
 from mile_jax.evaluation import report
 from mile_jax.evaluation import restore as restore_lib
-from mile_jax.evaluation import scoring
-from mile_jax.evaluation import task_data
+from mile_jax.evaluation import task_eval
 from mile_jax.evaluation import tasks as tasks_lib
 from mile_jax.evaluation.errors import EvalError
 
@@ -51,27 +50,13 @@ def _check(opts: EvalOptions) -> list[str]:
     raise EvalError(f"--num_fewshot: must be >= 0, got {opts.num_fewshot}")
   if opts.limit < 0:
     raise EvalError(f"--limit: must be >= 0, got {opts.limit}")
-  benchmarks = [n for n in names if n in tasks_lib.TASKS]
-  if opts.task_source not in task_data.SOURCES:
-    raise EvalError(f"--task_source: must be one of {', '.join(task_data.SOURCES)}, got {opts.task_source!r}")
-  if benchmarks and not opts.task_data_dir and opts.task_source == "local":
-    raise EvalError(f"--task_data_dir: needed for {', '.join(benchmarks)} (a directory with <task>/<split>.jsonl), "
-                    "or read the tasks TFDS has with --task_source=tfds")
-  for name in benchmarks:
-    task = tasks_lib.TASKS[name]
-    task_data.check(opts.task_source, opts.task_data_dir, opts.tfds_data_dir, task, _num_fewshot(task, opts))
+  if opts.batch_size < 1:
+    raise EvalError(f"--batch_size: must be >= 1, got {opts.batch_size}")
+  task_eval.check([n for n in names if n in tasks_lib.TASKS], num_fewshot=opts.num_fewshot,
+                  task_source=opts.task_source, task_data_dir=opts.task_data_dir, tfds_data_dir=opts.tfds_data_dir)
   if "buckets" in names:
     buckets_lib.frequency_buckets([1], opts.bucket_high, opts.bucket_low)
   return names
-
-
-def _num_fewshot(task: tasks_lib.Task, opts: EvalOptions) -> int:
-  return task.default_num_fewshot if opts.num_fewshot is None else opts.num_fewshot
-
-
-def _metric(values: Sequence[float]) -> dict[str, float]:
-  mean, se = scoring.mean_stderr(values)
-  return {"value": mean, "stderr": se}
 
 
 def _text_dataset(restored: restore_lib.Restored, opts: EvalOptions):
@@ -79,14 +64,16 @@ def _text_dataset(restored: restore_lib.Restored, opts: EvalOptions):
   with the run's own tokenizer."""
   data_config = ml_collections.ConfigDict(restored.config.data.to_dict())
   data_config.tokenizer_path = workdir_lib.join(restored.workdir, "tokenizer.model")
-  data_config.global_batch_size = opts.batch_size
+  data_config.global_batch_size = 1  # perplexity.evaluate checks the rows against --batch_size, naming it.
   if opts.ppl_source:
     data_config.source = opts.ppl_source
   try:
     return data_lib.make_data(data_config, restored.config.model.vocab_size, restored.config.data.seq_len,
                               restored.config.seed).validation
   except ConfigError as e:
-    raise EvalError(f"--ppl_source / the run's data config: {e}") from None
+    where = (f"--ppl_source={opts.ppl_source!r}" if opts.ppl_source
+             else workdir_lib.join(restored.workdir, "config.json"))
+    raise EvalError(f"{where}: {e}") from None
 
 
 def text_metrics(restored, names: Sequence[str], opts: EvalOptions) -> dict[str, dict]:
@@ -107,13 +94,7 @@ def text_metrics(restored, names: Sequence[str], opts: EvalOptions) -> dict[str,
         "ce": {"value": overall["ce"], "stderr": overall["ce_stderr_rows"]},
         "tokens": {"value": overall["tokens"], "stderr": None}}}
   if bucket_of_id is not None:
-    metrics = {}
-    for k, name in enumerate(buckets_lib.BUCKET_NAMES):
-      s = perplexity.summarize(sums, k)
-      metrics[f"{name}.perplexity"] = {"value": s["perplexity"], "stderr": s["perplexity_stderr_rows"]}
-      metrics[f"{name}.entropy"] = {"value": s["entropy"], "stderr": None}
-      metrics[f"{name}.tokens"] = {"value": s["tokens"], "stderr": None}
-      metrics[f"{name}.ids"] = {"value": float((bucket_of_id == k).sum()), "stderr": None}
+    metrics = perplexity.bucket_metrics(sums, bucket_of_id)
     out["buckets"] = {"version": "1", "num_examples": int(overall["tokens"]), "num_fewshot": 0,
                       "thresholds": {"high": opts.bucket_high, "low": opts.bucket_low}, "metrics": metrics}
   return out
@@ -121,39 +102,10 @@ def text_metrics(restored, names: Sequence[str], opts: EvalOptions) -> dict[str,
 
 def score_task(lm: lm_lib.LanguageModel, task: tasks_lib.Task, opts: EvalOptions) -> dict:
   """Runs one benchmark (all its sub-tasks) and returns its result entry."""
-  k = _num_fewshot(task, opts)
-  where = (opts.task_source, opts.task_data_dir, opts.tfds_data_dir, task)
-  docs, source = task_data.load(*where, task.eval_split, k, opts.limit)
-  pool = task_data.load(*where, task.fewshot_split, k)[0] if k > 0 else []
-  subtasks = {}
-  for sub_name, sub_docs, sub_pool in tasks_lib.split_subtasks(task, docs, pool):
-    if opts.limit > 0:
-      sub_docs = sub_docs[:opts.limit]
-    examples = tasks_lib.build_examples(task, sub_docs, sub_pool, k)
-    per_doc: dict[str, list[float]] = {m: [] for m in task.metrics}
-    if task.output == "generate_until":
-      outputs = lm.generate_until([e.prompt for e in examples], task.until, opts.max_gen_toks, desc=sub_name)
-      per_doc["exact_match"] = [scoring.exact_match(o, e.gold) for o, e in zip(outputs, examples)]
-    else:
-      flat = [r for e in examples for r in e.requests]
-      results = iter(lm.loglikelihood(flat, desc=sub_name))
-      for e in examples:
-        lls = [next(results)[0] for _ in e.requests]
-        scores = scoring.multiple_choice(lls, e.choices, e.gold)
-        for m in task.metrics:
-          per_doc[m].append(scores[m])
-    subtasks[sub_name] = {"version": task.version, "num_examples": len(examples), "num_fewshot": k,
-                          "metrics": {m: _metric(v) for m, v in per_doc.items()}}
-  if task.subtask_field is None:
-    return dict(subtasks[task.name], source=source)
-  sizes = [s["num_examples"] for s in subtasks.values()]
-  metrics = {}
-  for m in task.metrics:
-    mean, se = scoring.pooled_mean_stderr([s["metrics"][m]["value"] for s in subtasks.values()],
-                                          [s["metrics"][m]["stderr"] for s in subtasks.values()], sizes)
-    metrics[m] = {"value": mean, "stderr": se}
-  return {"version": task.version, "num_examples": sum(sizes), "num_fewshot": k, "metrics": metrics,
-          "subtasks": subtasks, "source": source}
+  prepared = task_eval.prepare(task, num_fewshot=task_eval.fewshot_for(task, opts.num_fewshot), limit=opts.limit,
+                               task_source=opts.task_source, task_data_dir=opts.task_data_dir,
+                               tfds_data_dir=opts.tfds_data_dir)
+  return task_eval.score(lm, prepared, opts.max_gen_toks)
 
 
 def evaluate(opts: EvalOptions) -> dict:

@@ -1,0 +1,116 @@
+"""One benchmark end to end: its documents to prompts (`prepare`), the prompts'
+scores to the result entry eval.py writes (`score`).
+
+eval.py runs both at once; training prepares its tasks once, before its first
+step, and scores them at each evaluation with the live parameters.
+"""
+
+import dataclasses
+from typing import Sequence
+
+from mile_jax.evaluation import scoring
+from mile_jax.evaluation import task_data
+from mile_jax.evaluation import tasks as tasks_lib
+from mile_jax.evaluation.errors import EvalError
+
+
+@dataclasses.dataclass
+class PreparedTask:
+  """A benchmark's prompts, ready to score."""
+  task: tasks_lib.Task
+  num_fewshot: int
+  source: str  # where the scored documents came from: a path or 'tfds:<dataset>:<split>'
+  subtasks: list[tuple[str, list[tasks_lib.Example]]]  # (name, examples); one, the task's name, if no subtasks
+
+
+def fewshot_for(task: tasks_lib.Task, requested: int | None) -> int:
+  """`requested`, or the task's default (0; MMLU 5) when None."""
+  return task.default_num_fewshot if requested is None else requested
+
+
+def check(names: Sequence[str], *, num_fewshot: int | None, task_source: str, task_data_dir: str,
+          tfds_data_dir: str) -> None:
+  """Raises EvalError, naming the flag or file to fix, unless the documents of
+  the benchmarks `names` can be read from `task_source`."""
+  if task_source not in task_data.SOURCES:
+    raise EvalError(f"--task_source: must be one of {', '.join(task_data.SOURCES)}, got {task_source!r}")
+  if names and not task_data_dir and task_source == "local":
+    raise EvalError(f"--task_data_dir: needed for {', '.join(names)} (a directory with <task>/<split>.jsonl), "
+                    "or read the tasks TFDS has with --task_source=tfds")
+  for name in names:
+    task = tasks_lib.TASKS[name]
+    task_data.check(task_source, task_data_dir, tfds_data_dir, task, fewshot_for(task, num_fewshot))
+
+
+def prepare(task: tasks_lib.Task, *, num_fewshot: int, limit: int, task_source: str, task_data_dir: str,
+            tfds_data_dir: str) -> PreparedTask:
+  """Loads `task`'s documents (the first `limit` of each sub-task when > 0) and
+  builds their prompts with `num_fewshot` examples each.
+
+  Raises:
+    EvalError: naming the flag or file to fix (a missing or malformed file, too
+      few few-shot examples).
+  """
+  where = (task_source, task_data_dir, tfds_data_dir, task)
+  docs, source = task_data.load(*where, task.eval_split, num_fewshot, limit)
+  pool = task_data.load(*where, task.fewshot_split, num_fewshot)[0] if num_fewshot > 0 else []
+  subtasks = []
+  for sub_name, sub_docs, sub_pool in tasks_lib.split_subtasks(task, docs, pool):
+    if limit > 0:
+      sub_docs = sub_docs[:limit]
+    subtasks.append((sub_name, _build_examples(task, sub_docs, sub_pool, num_fewshot, source)))
+  return PreparedTask(task=task, num_fewshot=num_fewshot, source=source, subtasks=subtasks)
+
+
+def _build_examples(task: tasks_lib.Task, docs, pool, num_fewshot: int, source: str) -> list[tasks_lib.Example]:
+  """`tasks.build_examples`; EvalError naming the first document it cannot make a prompt of."""
+  try:
+    return tasks_lib.build_examples(task, docs, pool, num_fewshot)
+  except EvalError:
+    raise
+  except (KeyError, TypeError, ValueError, IndexError):
+    for i, doc in enumerate(docs):  # Which one: each alone, without few-shot examples.
+      try:
+        tasks_lib.build_examples(task, [doc], [], 0)
+      except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise EvalError(f"{source}: document {i + 1} is not a {task.harness_name} document "
+                        f"({type(e).__name__}: {e})") from None
+    raise  # A few-shot example's fault: the documents alone make prompts.
+
+
+def _metric(values) -> dict[str, float]:
+  mean, se = scoring.mean_stderr(values)
+  return {"value": mean, "stderr": se}
+
+
+def score(lm, prepared: PreparedTask, max_gen_toks: int = 256) -> dict:
+  """Runs the prepared task (all its sub-tasks) on `lm` (a `lm.LanguageModel`)
+  and returns its result entry: `version`, `num_examples`, `num_fewshot`,
+  `metrics` {name: {value, stderr}}, `source`, and `subtasks` for MMLU."""
+  task, k = prepared.task, prepared.num_fewshot
+  subtasks = {}
+  for sub_name, examples in prepared.subtasks:
+    per_doc: dict[str, list[float]] = {m: [] for m in task.metrics}
+    if task.output == "generate_until":
+      outputs = lm.generate_until([e.prompt for e in examples], task.until, max_gen_toks, desc=sub_name)
+      per_doc["exact_match"] = [scoring.exact_match(o, e.gold) for o, e in zip(outputs, examples)]
+    else:
+      flat = [r for e in examples for r in e.requests]
+      results = iter(lm.loglikelihood(flat, desc=sub_name))
+      for e in examples:
+        lls = [next(results)[0] for _ in e.requests]
+        scores = scoring.multiple_choice(lls, e.choices, e.gold)
+        for m in task.metrics:
+          per_doc[m].append(scores[m])
+    subtasks[sub_name] = {"version": task.version, "num_examples": len(examples), "num_fewshot": k,
+                          "metrics": {m: _metric(v) for m, v in per_doc.items()}}
+  if task.subtask_field is None:
+    return dict(subtasks[task.name], source=prepared.source)
+  sizes = [s["num_examples"] for s in subtasks.values()]
+  metrics = {}
+  for m in task.metrics:
+    mean, se = scoring.pooled_mean_stderr([s["metrics"][m]["value"] for s in subtasks.values()],
+                                          [s["metrics"][m]["stderr"] for s in subtasks.values()], sizes)
+    metrics[m] = {"value": mean, "stderr": se}
+  return {"version": task.version, "num_examples": sum(sizes), "num_fewshot": k, "metrics": metrics,
+          "subtasks": subtasks, "source": prepared.source}

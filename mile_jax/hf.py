@@ -1,0 +1,190 @@
+"""Hugging Face transformers interop: export a run as a LLaMA directory, import one as a run.
+
+    python -m mile_jax.hf export --workdir DIR [--step N] --out HF_DIR [--dtype float32|bfloat16]
+    python -m mile_jax.hf import --hf_dir HF_DIR --workdir DIR [--step N] [--config FILE --config.x=...]
+
+`export` writes what `AutoModelForCausalLM.from_pretrained(HF_DIR)` and
+`AutoTokenizer.from_pretrained(HF_DIR)` load without extra code: config.json
+(LlamaConfig), model.safetensors (sharded with an index above
+--max_shard_mb), generation_config.json, and the run's SentencePiece model
+both as it is (tokenizer.model) and as a fast tokenizer (tokenizer.json, see
+`hf_tokenizer`). It needs the `tokenizers` package (requirements-eval.txt).
+
+`import` writes a checkpoint at step --step (default 0) of a transformers
+LLaMA directory into a new workdir, with config.json and tokenizer.model, so
+that eval.py evaluates it and train.py continues from it (the optimizer
+state is fresh). The model settings come from the directory's config.json;
+the rest from --config (default: `config_lib.base_config()`). Training can
+also start from such a directory directly: `--config.init.from_hf=HF_DIR`.
+
+Only weight layouts are converted (`hf_layout`); nothing from transformers
+or torch runs here. Exit status: 0 done; 2 bad input, with one line on
+stderr (`HF error: ...`, `Config error: ...`, `Eval error: ...`).
+"""
+
+import json
+import os
+import shutil
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import ml_dtypes
+import numpy as np
+from ml_collections import config_flags
+
+from mile_jax import checkpoint as checkpoint_lib
+from mile_jax import config_lib
+from mile_jax import hf_layout
+from mile_jax import safetensors_io
+from mile_jax import train_lib
+from mile_jax import workdir as workdir_lib
+from mile_jax.data import tokenizer as tokenizer_lib
+from mile_jax.evaluation import restore as restore_lib
+from mile_jax.evaluation.errors import EvalError
+from mile_jax.hf_layout import HFError
+
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+INSTALL_HINT = ("install the optional dependencies: pip install torch==2.13.0 (its CPU build) first, then "
+                "pip install -r requirements-eval.txt")
+
+
+def _require(module: str, command: str):
+  try:
+    return __import__(module)
+  except ImportError:
+    raise HFError(f"{command} needs the Python package {module!r}; {INSTALL_HINT}") from None
+
+
+def export(workdir: str, out: str, step: int | None = None, dtype: str = "float32",
+           max_shard_bytes: int = 5 << 30) -> list[str]:
+  """Writes the checkpoint at `step` (default latest) of the run at `workdir` as a
+  transformers LLaMA directory `out` (which must not exist or be empty). Returns the files written.
+
+  Raises:
+    HFError, EvalError: naming the flag, file or directory to fix.
+  """
+  _require("tokenizers", "export")
+  from mile_jax import hf_tokenizer  # pylint: disable=import-outside-toplevel
+  if dtype not in DTYPES:
+    raise HFError(f"--dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
+  out = os.path.abspath(out)
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    raise HFError(f"--out: {out} exists and is not an empty directory; choose a new one")
+  restored = restore_lib.restore(workdir, step, mesh_shape=(1, 1, 1), devices=jax.devices()[:1])
+  model, data = restored.config.model, restored.config.data
+  tok = restored.tokenizer
+  doc_start = tok.bos_id if data.get("add_bos", False) else tok.eos_id
+  tmp = f"{out}.tmp-export"
+  shutil.rmtree(tmp, ignore_errors=True)
+  hf_tokenizer.write(tmp, tok.serialized_model(), doc_start_id=doc_start, model_max_length=model.max_seq_len)
+  params = jax.device_get(restored.params)
+  tensors = {k: v.astype(DTYPES[dtype]) for k, v in hf_layout.to_hf(params, model.n_layers).items()}
+  files = safetensors_io.write_dir(tmp, tensors, max_shard_bytes)
+  ids = {"bos_id": doc_start, "eos_id": tok.eos_id, "pad_id": tok.pad_id if tok.pad_id >= 0 else None}
+  config = hf_layout.hf_config(model, dtype=dtype, **ids)
+  generation = {"bos_token_id": ids["bos_id"], "eos_token_id": ids["eos_id"], "pad_token_id": ids["pad_id"]}
+  for name, content in (("config.json", config), ("generation_config.json", generation)):
+    with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+      json.dump(content, f, indent=2)
+  if os.path.isdir(out):
+    os.rmdir(out)
+  os.replace(tmp, out)
+  return sorted(os.listdir(out))
+
+
+def import_config(hf_dir: str, config=None):
+  """`config` (default the base config) with the directory's model settings and `init.from_hf`."""
+  hf = hf_layout.read_config(hf_dir)
+  problems = hf_layout.unsupported(hf)
+  if problems:
+    raise HFError(f"{os.path.join(hf_dir, hf_layout.CONFIG_FILE)}: unsupported {'; '.join(problems)}")
+  default = config is None
+  config = config_lib.base_config() if default else config.copy_and_resolve_references()
+  config.model.update(hf_layout.model_fields(hf))
+  if default:
+    config.data.seq_len = min(config.data.seq_len, config.model.max_seq_len)
+  config.init.from_hf = os.path.abspath(hf_dir)
+  return config
+
+
+def import_hf(hf_dir: str, workdir: str, config=None, step: int = 0, echo=print) -> str:
+  """Writes the directory's weights as checkpoint `step` of a new run in `workdir`
+  (with a fresh optimizer state), plus its config.json and tokenizer.model.
+  Returns the checkpoint's path.
+
+  Raises:
+    HFError, ConfigError: naming the directory, file or setting to fix.
+  """
+  if step < 0:
+    raise HFError(f"--step: must be >= 0, got {step}")
+  config = import_config(hf_dir, config)
+  trainer = train_lib.Trainer(config, workdir, echo=echo)
+  if trainer.checkpointer.latest_step() is not None:
+    raise HFError(f"--workdir: {trainer.workdir} already has checkpoints; choose a new directory")
+  config = trainer.config
+  tokenizer = tokenizer_lib.load_tokenizer(config.data.tokenizer_path)
+  if tokenizer.vocab_size != config.model.vocab_size:
+    raise HFError(f"{config.data.tokenizer_path} has {tokenizer.vocab_size} pieces but "
+                  f"{hf_dir}/config.json has vocab_size={config.model.vocab_size}")
+  state = trainer.initial_state()
+  state = state.replace(step=jax.device_put(np.int32(step), trainer.state_shardings.step))
+  meta = {"data": {"next_batch_step": step, "seed": config.seed},
+          "tokenizer": checkpoint_lib.tokenizer_meta(tokenizer.serialized_model())}
+  trainer.checkpointer.save(step, state, trainer.config_json, meta)
+  trainer.checkpointer.wait()
+  if jax.process_index() == 0:
+    workdir_lib.path(trainer.workdir, "config.json").write_text(config.to_json_best_effort(indent=2))
+    workdir_lib.path(trainer.workdir, "tokenizer.model").write_bytes(tokenizer.serialized_model())
+  return trainer.checkpointer.step_path(step)
+
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "export: the run to export; import: the new run's directory.")
+_STEP = flags.DEFINE_integer("step", None, "export: checkpoint step (default latest); import: the step to "
+                             "write the checkpoint at (default 0).")
+_OUT = flags.DEFINE_string("out", None, "export: the transformers directory to write (new or empty).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", list(DTYPES), "export: dtype of the saved weights.")
+_MAX_SHARD_MB = flags.DEFINE_integer("max_shard_mb", 5120, "export: largest safetensors file (MiB) before "
+                                     "the weights are split into shards with an index.")
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "import: a transformers LLaMA directory (config.json, "
+                              "model.safetensors or its sharded index, tokenizer.model).")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "import: a config file for the non-model settings.")
+
+
+def main(argv):
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  command = argv[1] if len(argv) > 1 else ""
+  try:
+    if command == "export" and len(argv) == 2:
+      if not _WORKDIR.value or not _OUT.value:
+        raise HFError("export needs --workdir and --out")
+      files = export(_WORKDIR.value, _OUT.value, _STEP.value, _DTYPE.value, _MAX_SHARD_MB.value << 20)
+      print(f"Wrote {os.path.abspath(_OUT.value)}: {', '.join(files)}")
+    elif command == "import" and len(argv) == 2:
+      if not _HF_DIR.value or not _WORKDIR.value:
+        raise HFError("import needs --hf_dir and --workdir")
+      path = import_hf(_HF_DIR.value, _WORKDIR.value, _CONFIG.value, _STEP.value or 0)
+      print(f"Wrote {path}")
+    else:
+      raise HFError(f"usage: python -m mile_jax.hf export|import [flags]; got {' '.join(argv[1:]) or 'nothing'}")
+  except HFError as e:
+    print(f"HF error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except config_lib.ConfigError as e:
+    print(f"Config error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except EvalError as e:
+    print(f"Eval error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run():
+  """`python -m mile_jax.hf`'s entry point."""
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
