@@ -41,6 +41,7 @@ from mile_jax import config_lib  # noqa: E402
 from mile_jax import model as model_lib  # noqa: E402
 from mile_jax import optim  # noqa: E402
 from mile_jax import sharding  # noqa: E402
+from mile_jax import step as step_lib  # noqa: E402
 from mile_jax import train_lib  # noqa: E402
 from mile_jax.evaluation import generation  # noqa: E402
 from mile_jax.evaluation import lm as lm_lib  # noqa: E402
@@ -167,7 +168,7 @@ def _abstract(config, mesh):
   model = model_lib.Decoder(model_lib.DecoderConfig.from_config(config.model))
   tx, _ = optim.make_optimizer(config.optim, config.train.steps)
   rules = sharding.rules_tuple(config.mesh.rules)
-  return model, tx, rules, train_lib.state_shardings(model, tx, mesh, rules, config.data.seq_len)
+  return model, tx, rules, step_lib.state_shardings(model, tx, mesh, rules, config.data.seq_len)
 
 
 def save_checkpoint(name: str) -> str:
@@ -177,7 +178,7 @@ def save_checkpoint(name: str) -> str:
   directory = tempfile.mkdtemp(prefix="eval_bench_ckpt_")
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   model, tx, rules, _ = _abstract(config, mesh)
-  state = train_lib.init_state(model, tx, mesh, rules, config.data.seq_len, config.seed)
+  state = step_lib.init_state(model, tx, mesh, rules, config.data.seq_len, config.seed)
   rng = np.random.default_rng(0)
   moments = lambda x: (np.abs(rng.standard_normal(x.shape, np.float32)) * 1e-3).astype(x.dtype) if (
       jax.numpy.issubdtype(x.dtype, jax.numpy.floating)) else x

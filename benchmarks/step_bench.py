@@ -35,6 +35,7 @@ from mile_jax import config_lib  # noqa: E402
 from mile_jax import metrics as metrics_lib  # noqa: E402
 from mile_jax import model as model_lib  # noqa: E402
 from mile_jax import sharding  # noqa: E402
+from mile_jax import step as step_lib  # noqa: E402
 from mile_jax import train_lib  # noqa: E402
 
 # A ~50M-parameter model: 10 layers of d_model 512 and a 16k vocabulary.
@@ -107,7 +108,7 @@ def synthetic_batch(config, seed=0):
 
 def build(config):
   trainer = train_lib.Trainer(config, tempfile.mkdtemp(prefix="step_bench_"))
-  state = train_lib.init_state(trainer.model, trainer.tx, trainer.mesh, trainer.rules,
+  state = step_lib.init_state(trainer.model, trainer.tx, trainer.mesh, trainer.rules,
                                config.data.seq_len, config.seed)
   batch = sharding.make_global_batch(synthetic_batch(config), trainer.mesh)
   with trainer._context():  # pylint: disable=protected-access

@@ -22,16 +22,12 @@ so the steps saved before are intact.
 Orbax reports one failed read or write many times over from its background
 threads: tracebacks of the same error, and "Event loop is closed" from reads
 or writes abandoned by the failure. The CheckpointError or the fallback
-warning says what failed, so those echoes are dropped (`_quiet_orbax_echoes`).
+warning says what failed, so those echoes are dropped (`checkpoint_errors.quiet_orbax_echoes`).
 """
 
 import base64
 import hashlib
-import json
 import logging
-import os
-import re
-import sys
 from typing import Any
 
 import jax
@@ -39,16 +35,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from mile_jax import checkpoint_errors
 from mile_jax import config_lib
 from mile_jax import workdir as workdir_lib
 
 UNREADABLE_SUFFIX = ".unreadable"
-# TensorStore status codes that describe the files themselves: cut short, garbled, missing.
-_DAMAGE_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION")
-_DAMAGE_TYPES = (FileNotFoundError, NotADirectoryError, UnicodeDecodeError, json.JSONDecodeError)
-# Failures of the reader, not of the files: another try may succeed.
-_TRANSIENT_CODES = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "CANCELLED")
-_TRANSIENT_TYPES = (MemoryError, TimeoutError, ConnectionError)
 # What restore_latest's processes report of one step.
 _RESTORED, _DAMAGED, _FAILED = 0, 1, 2
 
@@ -73,7 +64,7 @@ class Checkpointer:
                 "meta": ocp.JsonCheckpointHandler()}
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     self._pending = None  # The step whose save may still be running in the background.
-    _quiet_orbax_echoes()
+    checkpoint_errors.quiet_orbax_echoes()
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -128,8 +119,8 @@ class Checkpointer:
       last = (f"the last complete checkpoint is {self.step_path(latest)}" if latest is not None
               else "no checkpoint is complete")
     except Exception as e:  # pylint: disable=broad-except
-      last = f"{self.directory} cannot be listed ({describe_error(e)})"
-    return CheckpointError(f"could not save step {step} to {self.step_path(step)} ({describe_error(error)}); {last}")
+      last = f"{self.directory} cannot be listed ({checkpoint_errors.describe_error(e)})"
+    return CheckpointError(f"could not save step {step} to {self.step_path(step)} ({checkpoint_errors.describe_error(error)}); {last}")
 
   def restore(self, step: int, abstract_state: Any) -> Any:
     """Restores the state at `step` with the shardings of `abstract_state`'s leaves.
@@ -197,7 +188,7 @@ class Checkpointer:
       outcome = _RESTORED if failure is None else _FAILED if why is None else _DAMAGED
       outcomes = _from_every_process(outcome)
       if (outcomes == _FAILED).any():
-        reason = (describe_error(failure) if outcome == _FAILED
+        reason = (checkpoint_errors.describe_error(failure) if outcome == _FAILED
                   else f"on process {int(np.argmax(outcomes == _FAILED))}: see its output")
         raise CheckpointError(
             f"could not read checkpoint {self.step_path(step)} ({reason}); nothing shows that it is damaged, "
@@ -228,16 +219,16 @@ class Checkpointer:
     `check_compatible`), or the error says a file is missing, cut short or
     garbled.
     """
-    if _is_transient(error):
+    if checkpoint_errors.is_transient(error):
       return None
     try:
       saved = self.state_shapes(step)
     except Exception as e:  # pylint: disable=broad-except
-      return f"its metadata: {describe_error(e)}" if _shows_damage(e) else None
+      return f"its metadata: {checkpoint_errors.describe_error(e)}" if checkpoint_errors.shows_damage(e) else None
     wanted = tree_shapes(abstract_state)
     if saved != wanted:
       return f"its metadata does not match the state ({len(saved)} arrays listed, {len(wanted)} expected)"
-    return describe_error(error) if _shows_damage(error) else None
+    return checkpoint_errors.describe_error(error) if checkpoint_errors.shows_damage(error) else None
 
   def _steps_of_process_0(self) -> list[int]:
     """Process 0's steps, newest first, on every process."""
@@ -368,101 +359,11 @@ def _path_name(path) -> str:
   return "/".join(parts)
 
 
-def _chain(error: BaseException) -> list[BaseException]:
-  """`error` and the exceptions it was raised from or during, outermost first."""
-  chain = []
-  while error is not None and error not in chain:
-    chain.append(error)
-    error = error.__cause__ or error.__context__
-  return chain
-
-
-def _status(error: BaseException) -> str | None:
-  """The status code a TensorStore or XLA error message starts with ("DATA_LOSS: ...")."""
-  match = re.match(r"([A-Z][A-Z_]+): ", str(error))
-  return match.group(1) if match else None
-
-
-def _is_transient(error: BaseException) -> bool:
-  return any(isinstance(e, _TRANSIENT_TYPES) or _status(e) in _TRANSIENT_CODES for e in _chain(error))
-
-
-def _shows_damage(error: BaseException) -> bool:
-  """Whether `error` says that a file is missing, cut short or garbled (and nothing transient)."""
-  return not _is_transient(error) and any(
-      isinstance(e, _DAMAGE_TYPES) or _status(e) in _DAMAGE_CODES for e in _chain(error))
-
-
-def describe_error(error: BaseException) -> str:
-  """A short reason for a failed read or write: the operating system's words
-  where a cause has them, else the first line of the innermost cause."""
-  chain = _chain(error)
-  for e in chain:
-    if isinstance(e, OSError) and e.strerror:
-      return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
-    code = re.search(r"os_error_code='?(\d+)", str(e))  # TensorStore's words for an OSError.
-    if code:
-      return os.strerror(int(code.group(1)))
-  inner = chain[-1]
-  first = str(inner).splitlines()[0][:300] if str(inner) else ""
-  return f"{type(inner).__name__}: {first}" if first else type(inner).__name__
-
-
 def _from_every_process(value: int) -> np.ndarray:
   """int32 [process_count]: `value` of every process, the same array on all."""
   if jax.process_count() == 1:
     return np.array([value], np.int32)
   return np.asarray(multihost_utils.process_allgather(np.int32(value))).reshape(-1)
-
-
-def _raised_in_orbax(error: BaseException) -> bool:
-  for e in _chain(error):
-    tb = e.__traceback__
-    while tb is not None:
-      if _in_orbax(tb.tb_frame.f_code.co_filename):
-        return True
-      tb = tb.tb_next
-  return False
-
-
-def _in_orbax(filename: str) -> bool:
-  return f"{os.sep}orbax{os.sep}checkpoint{os.sep}" in filename
-
-
-def _is_echo(error: BaseException | None) -> bool:
-  """An Orbax error reported again where nobody can act on it: an error of an
-  Orbax task or TensorStore future that nobody retrieved once the operation
-  had failed, or "Event loop is closed" from a read or write it abandoned."""
-  if error is None:
-    return False
-  return (isinstance(error, RuntimeError) and str(error) == "Event loop is closed") or (
-      _status(error) is not None or _raised_in_orbax(error))
-
-
-class _OrbaxEchoFilter(logging.Filter):
-  """Drops Orbax's logged tracebacks (absl, ERROR) of failures it raises to its
-  caller, and asyncio's reports of Orbax tasks whose error was never retrieved."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    error = record.exc_info[1] if record.exc_info else None
-    if record.name == "asyncio":
-      return not _is_echo(error)
-    return not (error is not None and record.levelno >= logging.ERROR and _in_orbax(record.pathname))
-
-
-def _quiet_orbax_echoes() -> None:
-  """Installs, once per process, the filters of `_is_echo` and `_OrbaxEchoFilter`."""
-  previous = sys.unraisablehook
-  if not getattr(previous, "drops_orbax_echoes", False):
-    def unraisablehook(unraisable):
-      if not _is_echo(unraisable.exc_value):
-        previous(unraisable)
-    unraisablehook.drops_orbax_echoes = True
-    sys.unraisablehook = unraisablehook
-  for name in ("absl", "asyncio"):
-    logger = logging.getLogger(name)
-    if not any(isinstance(f, _OrbaxEchoFilter) for f in logger.filters):
-      logger.addFilter(_OrbaxEchoFilter())
 
 
 def tokenizer_meta(serialized_model: bytes) -> dict:

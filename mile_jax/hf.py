@@ -173,11 +173,11 @@ def main(argv):
   except HFError as e:
     print(f"HF error: {e}", file=sys.stderr)
     sys.exit(2)
+  except EvalError as e:  # Before ConfigError, of which it is a kind.
+    print(f"Eval error: {e}", file=sys.stderr)
+    sys.exit(2)
   except config_lib.ConfigError as e:
     print(f"Config error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except EvalError as e:
-    print(f"Eval error: {e}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -8,6 +8,8 @@ from typing import Mapping
 
 import jax
 
+from mile_jax import attention
+
 # bfloat16 dense peak FLOP/s per device by `device_kind`, for MFU.
 PEAK_FLOPS = {
     "NVIDIA H100 80GB HBM3": 989e12,
@@ -88,9 +90,12 @@ def run_header(config, num_params: int, mesh, data, start: int, eval_batches: in
   axes = " x ".join(f"{name} {size}" for name, size in mesh.shape.items())
   splits = ", ".join(f"{name} {split.num_tokens:,} tokens ({split.num_documents:,} documents)"
                      for name, split in (("train", data.train), ("validation", data.validation)))
+  kernel, why = attention.resolve(m.attention, dtype=m.dtype, head_dim=m.d_model // m.n_heads, seq_len=d.seq_len,
+                                  segmented=d.segment_documents)
   lines = [
       f"Model: {num_params:,} parameters ({m.n_layers} layers, d_model {m.d_model}, vocabulary {m.vocab_size}, "
-      f"{m.dtype}); loss {config.loss.name} (gamma {config.loss.gamma}, sigma {config.loss.sigma})",
+      f"{m.dtype}, {kernel} attention: {why}); loss {config.loss.name} (gamma {config.loss.gamma}, "
+      f"sigma {config.loss.sigma})",
       f"Devices: {mesh.size} x {device.device_kind} in {_plural(jax.process_count(), 'process')}; mesh {axes}",
       f"Batch: {d.global_batch_size} rows x {d.seq_len} tokens = {tokens_per_step:,} tokens per step in "
       f"{_plural(t.microbatches, 'micro-batch')}; {t.steps} steps = {t.steps * tokens_per_step:,} tokens",

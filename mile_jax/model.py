@@ -124,7 +124,7 @@ class Attention(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids):  # x: (B, T, D)
+  def __call__(self, x, positions, segment_ids, attention_mask=None):  # x: (B, T, D)
     cfg = self.cfg
     d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     proj = functools.partial(_projection, cfg)
@@ -137,6 +137,8 @@ class Attention(nn.Module):
     if self.decode and self.has_variable("cache", "cached_key"):
       key, value, mask = self._update_cache(key, value, segment_ids)
       out = jax.nn.dot_product_attention(q, key, value, mask=mask)  # (B, T, N, H)
+    elif attention_mask is not None:  # Any mask, causality included: on XLA, whatever cfg.attention says.
+      out = jax.nn.dot_product_attention(q, key, value, mask=attention_mask)  # (B, T, N, H)
     else:
       if self.decode:  # init: create the cache with the input's shape
         self._cache_variables(key, value)
@@ -195,10 +197,10 @@ class Block(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids):  # (B, T, D)
+  def __call__(self, x, positions, segment_ids, attention_mask=None):  # (B, T, D)
     cfg = self.cfg
     x = x + Attention(cfg, self.decode, name="attention")(
-        RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attention_norm")(x), positions, segment_ids)
+        RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attention_norm")(x), positions, segment_ids, attention_mask)
     x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="mlp_norm")(x))
     return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
@@ -233,7 +235,9 @@ class Decoder(nn.Module):
   `positions` defaults to 0..T-1; `segment_ids` (B, T), when given, stops
   attention across packed documents. With `return_hidden=True` the module
   returns the final normalised hidden states (B, T, D) instead of logits,
-  for losses that apply the unembedding themselves.
+  for losses that apply the unembedding themselves. `attention_mask`
+  (B, 1, T, T) bool, when given, replaces the causal and segment masks:
+  query t reads key s where it is True (evaluation's shared-context rows).
 
   With `decode=True` attention keeps a key/value cache (see `Attention`):
   `init` on (B, S) tokens creates a cache of S slots, then each `apply` with
@@ -243,7 +247,7 @@ class Decoder(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, tokens, positions=None, segment_ids=None, return_hidden: bool = False):
+  def __call__(self, tokens, positions=None, segment_ids=None, return_hidden: bool = False, attention_mask=None):
     cfg = self.cfg
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -253,7 +257,7 @@ class Decoder(nn.Module):
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
     block = Block if self.decode else _remat_block(cfg.remat)
     for i in range(cfg.n_layers):
-      x = block(cfg, self.decode, name=f"layer_{i}")(x, positions, segment_ids)
+      x = block(cfg, self.decode, name=f"layer_{i}")(x, positions, segment_ids, attention_mask)
     x = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x)
     if return_hidden:
       return x

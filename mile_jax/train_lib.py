@@ -1,24 +1,20 @@
-"""Train state, the jitted train and eval steps, and the training loop."""
+"""The training loop: `Trainer` builds a run from its config and `run()` trains it
+(the step functions it jits are in `step.py`)."""
 
 import functools
 import json
 import logging
 import time
-from typing import Any
 
-import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import tqdm
 
 from mile_jax import checkpoint as checkpoint_lib
 from mile_jax import config_lib
 from mile_jax import data as data_lib
 from mile_jax import faults
-from mile_jax import fused_loss
 from mile_jax import hf_layout
 from mile_jax import losses
 from mile_jax import metrics as metrics_lib
@@ -26,166 +22,10 @@ from mile_jax import model as model_lib
 from mile_jax import optim
 from mile_jax import profiling
 from mile_jax import sharding
+from mile_jax import step as step_lib
 from mile_jax import workdir as workdir_lib
 from mile_jax.data import pipeline as data_pipeline
 from mile_jax.evaluation import in_training
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array  # int32 scalar: optimizer steps taken.
-  params: Any
-  opt_state: Any
-
-
-def _boxed_init_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: int):
-  """rng -> TrainState whose parameter leaves carry logical-axis boxes."""
-  def init(rng):
-    params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-  return init
-
-
-def state_shardings(model, tx, mesh, rules, seq_len: int):
-  """(abstract unboxed TrainState, its NamedShardings) without allocating."""
-  boxed = jax.eval_shape(_boxed_init_fn(model, tx, seq_len), jax.random.key(0))
-  return nn.unbox(boxed), sharding.logical_shardings(boxed, mesh, rules)
-
-
-def init_state(model, tx, mesh, rules, seq_len: int, seed: int) -> TrainState:
-  """A freshly initialised TrainState placed directly with its shardings."""
-  _, shardings = state_shardings(model, tx, mesh, rules, seq_len)
-  init = _boxed_init_fn(model, tx, seq_len)
-  with mesh_context(mesh, sharding.rules_tuple(rules)):
-    return jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=shardings)(jax.random.key(seed))
-
-
-def _microbatches(batch: dict[str, jax.Array], count: int) -> dict[str, jax.Array]:
-  """(B, ...) -> (count, B/count, ...), micro-batch k taking rows k, k+count, ...
-
-  Striding keeps every micro-batch spread over all data-parallel devices.
-  """
-  return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1),
-                      batch)
-
-
-def _fold_microbatches(fn, batch: dict[str, jax.Array], count: int, combine):
-  """`fn` of each of `count` strided micro-batches of `batch`, folded with
-  `combine(total, new)` in a scan; `fn(batch)` when `count` is 1."""
-  if count == 1:
-    return fn(batch)
-  mbs = _microbatches(batch, count)
-  total = fn(jax.tree.map(lambda x: x[0], mbs))
-  rest = jax.tree.map(lambda x: x[1:], mbs)
-  total, _ = jax.lax.scan(lambda t, mb: (combine(t, fn(mb)), None), total, rest)
-  return total
-
-
-def loss_sums_fn(params, batch, *, model: nn.Module, loss_config: Any) -> dict[str, jax.Array]:
-  """The loss sums (see `losses.loss_sums`) of one batch under `params`.
-
-  `loss_config.impl`: "naive" computes the logits then the loss; "chunked"
-  applies the unembedding blockwise inside `fused_loss.chunked_loss_sums`.
-  """
-  chunked = loss_config.impl == "chunked"
-  out = model.apply({"params": params}, batch["inputs"], positions=batch.get("positions"),
-                    segment_ids=batch.get("segment_ids"), return_hidden=chunked)
-  if not chunked:
-    return losses.loss_sums(loss_config.name, out, batch["targets"], batch["mask"],
-                            gamma=loss_config.gamma, sigma=loss_config.sigma)
-  # Gathered over fsdp once here, rather than inside every block of the loss.
-  kernel = nn.with_logical_constraint(params["lm_head"]["kernel"], (None, "activation_vocab"))
-  return fused_loss.chunked_loss_sums(
-      loss_config.name, out, kernel, batch["targets"], batch["mask"], gamma=loss_config.gamma,
-      sigma=loss_config.sigma, block_size=loss_config.block_size,
-      vocab_block_size=loss_config.vocab_block_size, dtype=model.cfg.compute_dtype,
-      shard_axes=sharding.BATCH_AXES)
-
-
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
-               tx: optax.GradientTransformation, schedule: optax.Schedule, loss_config: Any,
-               microbatches: int, skip_nonfinite: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on a global batch {inputs, targets, mask}: (B, T) each.
-
-  With micro-batches, gradients of the loss numerator are summed over
-  micro-batches and divided once by the global denominator, so the step is
-  exactly the full-batch step (MiLe's normaliser included).
-  Returns the new state and metric sums (normalised on the host), with
-  `nonfinite_steps` 1.0 when the loss or a gradient is not finite. With
-  `skip_nonfinite` such an update is not applied (params and optimizer state,
-  its count included, stay as they were; `step` still advances past the batch)
-  and the step's sums are zeroed so that logged means cover the good steps.
-  `learning_rate_sum` is the rate this update applies: the schedule at the
-  optimizer's count of applied updates, which skipped steps do not advance.
-  """
-  def numerator(params, mb):
-    sums = loss_sums_fn(params, mb, model=model, loss_config=loss_config)
-    return sums["loss_numerator"], sums
-
-  def grads_and_sums(mb):
-    # Tied to the micro-batch, the parameters' FSDP all-gathers stay inside the micro-batch loop:
-    # hoisted out of it, every layer's gathered weights would live for the whole step.
-    params, mb = jax.lax.optimization_barrier((state.params, mb))
-    return jax.grad(numerator, has_aux=True)(params, mb)
-
-  def add(total, new):
-    return jax.tree.map(jnp.add, total[0], new[0]), losses.combine_sums(total[1], new[1])
-  grads, sums = _fold_microbatches(grads_and_sums, batch, microbatches, add)
-
-  denominator = sums["loss_denominator"]
-  scale = losses.safe_divide(1.0, denominator)
-  grads = jax.tree.map(lambda g: g * scale, grads)
-  grad_norm = optax.tree.norm(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-  # The global gradient norm is non-finite iff some gradient element is.
-  finite = jnp.isfinite(grad_norm) & jnp.isfinite(sums["loss_numerator"]) & jnp.isfinite(denominator)
-  out = dict(sums, grad_norm_sum=grad_norm, learning_rate_sum=schedule(applied_updates(state.opt_state, state.step)),
-             steps=jnp.ones(()))
-  if skip_nonfinite:
-    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-    new_state = new_state.replace(params=jax.tree.map(keep, params, state.params),
-                                  opt_state=jax.tree.map(keep, opt_state, state.opt_state))
-    out = {k: jnp.where(finite, v, jnp.zeros_like(v)) for k, v in out.items()}
-  out["nonfinite_steps"] = 1.0 - finite.astype(jnp.float32)
-  return new_state, out
-
-
-def applied_updates(opt_state, step: jax.Array) -> jax.Array:
-  """Updates applied so far: the count of the optimizer's learning-rate
-  schedule (`step` when it has none). Behind `step` after skipped steps."""
-  is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
-  counts = [s.count for s in jax.tree.leaves(opt_state, is_leaf=is_schedule) if is_schedule(s)]
-  return counts[0] if counts else step
-
-
-def eval_step(params, batch, *, model: nn.Module, loss_config: Any, microbatches: int = 1) -> dict[str, jax.Array]:
-  """Loss sums of a global batch, in `microbatches` strided pieces as the
-  train step takes it (so evaluation needs no more memory than training)."""
-  fn = functools.partial(loss_sums_fn, params, model=model, loss_config=loss_config)
-  return _fold_microbatches(fn, batch, microbatches, losses.combine_sums)
-
-
-def host_metrics(summed: dict[str, Any]) -> dict[str, float]:
-  """Metric sums (see `losses.combine_sums`) -> per-token and per-step means.
-
-  Train-step sums carry `steps` (applied steps) and `nonfinite_steps`; when
-  every step was skipped as non-finite there is nothing to average and only
-  `nonfinite_steps` is returned.
-  """
-  summed = jax.device_get(summed)
-  if "steps" in summed and float(summed["steps"]) == 0:
-    return {"nonfinite_steps": float(summed["nonfinite_steps"])}
-  _, out = losses.normalize_sums(summed)
-  out = {k: float(v) for k, v in out.items()}
-  if "steps" in summed:
-    steps = float(summed["steps"])
-    out["grad_norm"] = float(summed["grad_norm_sum"]) / steps
-    out["learning_rate"] = float(summed["learning_rate_sum"]) / steps
-    out["nonfinite_steps"] = float(summed["nonfinite_steps"])
-  out["perplexity"] = float(np.exp(min(out["ce"], 80.0)))
-  return out
 
 
 class Trainer:
@@ -220,15 +60,15 @@ class Trainer:
     self.model_config = model_lib.DecoderConfig.from_config(config.model)
     self.model = model_lib.Decoder(self.model_config)
     self.tx, self.schedule = optim.make_optimizer(config.optim, config.train.steps)
-    self.abstract_state, self.state_shardings = state_shardings(
+    self.abstract_state, self.state_shardings = step_lib.state_shardings(
         self.model, self.tx, self.mesh, self.rules, config.data.seq_len)
     batch_sharding = sharding.batch_sharding(self.mesh)
-    step_fn = functools.partial(train_step, model=self.model, tx=self.tx, schedule=self.schedule,
+    step_fn = functools.partial(step_lib.train_step, model=self.model, tx=self.tx, schedule=self.schedule,
                                 loss_config=config.loss, microbatches=config.train.microbatches,
                                 skip_nonfinite=config.train.skip_nonfinite)
     self._train_step = jax.jit(step_fn, in_shardings=(self.state_shardings, batch_sharding),
                                out_shardings=(self.state_shardings, None), donate_argnums=0)
-    self._eval_step = jax.jit(functools.partial(eval_step, model=self.model, loss_config=config.loss,
+    self._eval_step = jax.jit(functools.partial(step_lib.eval_step, model=self.model, loss_config=config.loss,
                                                 microbatches=config.train.microbatches),
                               in_shardings=(self.state_shardings.params, batch_sharding))
     self.checkpointer = checkpoint_lib.Checkpointer(
@@ -242,7 +82,7 @@ class Trainer:
     self.in_loop = in_training.InTrainingEval(config, self.mesh, self.rules, self.model, jax.process_count())
 
   def _context(self):
-    return mesh_context(self.mesh, self.rules)
+    return sharding.mesh_context(self.mesh, self.rules)
 
   def train_step(self, state, batch):
     with self._context():
@@ -254,7 +94,7 @@ class Trainer:
     with self._context():
       return self._train_step.lower(self.abstract_state, abstract_batch)
 
-  def initial_state(self) -> TrainState:
+  def initial_state(self) -> step_lib.TrainState:
     """The newest readable checkpoint's state (an unreadable newer one is
     reported and moved aside), else a fresh one: with `init.from_hf` that
     directory's parameters and a fresh optimizer state."""
@@ -266,11 +106,11 @@ class Trainer:
       if hf_dir:
         params = hf_layout.load_params(hf_dir, self.abstract_state.params, self.model_config.n_layers,
                                        self.model_config.head_dim, echo=self.echo)
-        fresh = lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=self.tx.init(p))  # noqa: E731
+        fresh = lambda p: step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=self.tx.init(p))  # noqa: E731
         self.echo(f"Initialised the parameters from {hf_dir}")
         return jax.jit(fresh, out_shardings=self.state_shardings, donate_argnums=0)(
             hf_layout.place(params, self.state_shardings.params))
-      return init_state(self.model, self.tx, self.mesh, self.rules, self.config.data.seq_len, self.config.seed)
+      return step_lib.init_state(self.model, self.tx, self.mesh, self.rules, self.config.data.seq_len, self.config.seed)
     self.restored_step, state = found
     self.echo(f"Resuming from {self.checkpointer.step_path(self.restored_step)}")
     return state
@@ -318,9 +158,9 @@ class Trainer:
       for i in range(self.eval_batches(split)):
         batch = sharding.make_global_batch(self.local_batch(split, i), self.mesh)
         total = losses.combine_sums(total, self._eval_step(params, batch))
-    return host_metrics(total)
+    return step_lib.host_metrics(total)
 
-  def run(self, until_step: int | None = None) -> TrainState:
+  def run(self, until_step: int | None = None) -> step_lib.TrainState:
     """Trains to `train.steps` (or stops after `until_step`, saving there),
     resuming from the workdir's newest readable checkpoint.
 
@@ -345,7 +185,7 @@ class Trainer:
     finally:
       lock.release()
 
-  def _already_trained(self, last: int) -> TrainState | None:
+  def _already_trained(self, last: int) -> step_lib.TrainState | None:
     """The restored state if the workdir's checkpoint is already at step `last`
     (then nothing is trained or written, config.json included), else None.
 
@@ -367,7 +207,7 @@ class Trainer:
               f"the run ends at step {last} (train.steps={steps}); the workdir is unchanged")
     return state
 
-  def _train(self, last: int, primary: bool, stop: faults.StopSignals) -> TrainState:
+  def _train(self, last: int, primary: bool, stop: faults.StopSignals) -> step_lib.TrainState:
     began = time.perf_counter()
     cfg = self.config
     data = self.load_data()
@@ -414,7 +254,7 @@ class Trainer:
           self._raise_if_nonfinite(unchecked)
           unchecked = []
         if log:
-          scalars = host_metrics(total)
+          scalars = step_lib.host_metrics(total)
           skipped += int(scalars["nonfinite_steps"])
           note = "" if "loss" in scalars else f"every step since step {last_step} skipped: non-finite loss or gradients"
           elapsed = time.perf_counter() - last_time
@@ -467,7 +307,7 @@ class Trainer:
     flags = jax.device_get([m["nonfinite_steps"] for _, m in unchecked])
     for (step, step_metrics), flag in zip(unchecked, flags):
       if flag:
-        values = host_metrics(step_metrics)
+        values = step_lib.host_metrics(step_metrics)
         self.checkpointer.wait()
         latest = self.checkpointer.latest_step()
         good = (f"the last good checkpoint is {self.checkpointer.step_path(latest)}" if latest is not None
@@ -489,10 +329,9 @@ def write_run_files(workdir: str, config, data) -> None:
     np.save(f, data.train.token_counts(config.model.vocab_size))
 
 
-mesh_context = sharding.mesh_context  # Enters the mesh and the logical-axis rules for tracing.
 
 
-def train_and_evaluate(config, workdir: str) -> TrainState:
+def train_and_evaluate(config, workdir: str) -> step_lib.TrainState:
   """Entry point used by train.py."""
   logging.info("JAX devices: %s", jax.devices())
   return Trainer(config, workdir).run()

@@ -12,6 +12,7 @@ import pytest
 from mile_jax import attention
 from mile_jax import config_lib
 from mile_jax import sharding
+from mile_jax import step as step_lib
 from mile_jax import train_lib
 
 EPS32 = 2.0 ** -24
@@ -119,7 +120,7 @@ def test_splash_on_a_mesh_shards_rows_and_heads(monkeypatch):
     return per_device(q, k, v, *rest, **kwargs)
   monkeypatch.setattr(attention, "_splash_per_device", spy)
   mesh = sharding.make_mesh((2, 2, 2), jax.devices()[:8])
-  with train_lib.mesh_context(mesh, sharding.rules_tuple(config_lib.DEFAULT_RULES)):
+  with sharding.mesh_context(mesh, sharding.rules_tuple(config_lib.DEFAULT_RULES)):
     got = values_and_grads(jax.jit(lambda q, k, v, s: attention.attend(q, k, v, s, "splash")), q, k, v,
                            segments, g)
   assert seen == [((1, 2, 256, h), (1, 1, 256, h))]  # T = 192 padded to 256.
@@ -130,7 +131,7 @@ def run_step(attention_name, shape, workdir):
   from conftest import make_tiny_config  # pylint: disable=import-outside-toplevel
   config = make_tiny_config(**{"model.attention": attention_name, "mesh.shape": shape, "mesh.num_devices": 0})
   trainer = train_lib.Trainer(config, str(workdir), devices=jax.devices()[:math.prod(shape)])
-  state = train_lib.init_state(trainer.model, trainer.tx, trainer.mesh, trainer.rules, config.data.seq_len,
+  state = step_lib.init_state(trainer.model, trainer.tx, trainer.mesh, trainer.rules, config.data.seq_len,
                                config.seed)
   b, t = config.data.global_batch_size, config.data.seq_len
   tokens = np.random.default_rng(2).integers(0, config.model.vocab_size, (b, t + 1)).astype(np.int32)
@@ -142,7 +143,7 @@ def run_step(attention_name, shape, workdir):
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": np.ones((b, t), np.float32),
            "segment_ids": segments, "positions": positions.astype(np.int32)}
   _, metrics = trainer.train_step(state, sharding.make_global_batch(batch, trainer.mesh))
-  return train_lib.host_metrics(metrics)
+  return step_lib.host_metrics(metrics)
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import pytest
 
 from mile_jax import model as model_lib
 from mile_jax import sharding, train_lib
+from mile_jax import step as step_lib
 from mile_jax.data.packing import PackedDataset
 
 EOS = 3
@@ -66,7 +67,7 @@ def test_trainer_feeds_segments_to_the_train_step(tiny_config, tmp_path):
     batch = local if segment else {k: local[k] for k in ("inputs", "targets", "mask")}
     fresh = jax.tree.map(jnp.copy, state)  # the step donates its state
     _, metrics = trainer.train_step(fresh, sharding.make_global_batch(batch, trainer.mesh))
-    ce[segment] = train_lib.host_metrics(metrics)["ce"]
+    ce[segment] = step_lib.host_metrics(metrics)["ce"]
   # Same tokens and parameters: only the attention pattern (and positions) differ.
   assert ce[True] != pytest.approx(ce[False], rel=1e-6)
   assert abs(ce[True] - ce[False]) < 0.05

@@ -110,6 +110,70 @@ def test_loglikelihood_matches_a_direct_computation(restored, lm):
   assert lm.encode_pair("Answer: ", "yes") == lm.encode_pair("Answer:", " yes")
 
 
+def _reference_request(restored, context, continuation):
+  """(log-likelihood, greedy) of one request from one unpadded forward pass and a
+  float64 log-softmax: the sequence cut to max_seq_len + 1 tokens from the left,
+  the continuation's tokens (all but the first token at most) scored."""
+  seq = (list(context) + list(continuation))[-(restored.max_seq_len + 1):]
+  scored = min(len(continuation), len(seq) - 1)
+  logits = _logits(restored, seq[:-1])
+  rows = _log_softmax64(logits)
+  positions = range(len(seq) - 1 - scored, len(seq) - 1)
+  return (sum(rows[t, seq[t + 1]] for t in positions), all(np.argmax(logits[t]) == seq[t + 1] for t in positions),
+          np.abs(rows[list(positions)]).max(initial=0.0))
+
+
+def test_packed_loglikelihood_matches_one_forward_per_request(restored):
+  rng = np.random.default_rng(0)
+  eos = restored.tokenizer.eos_id
+  tokens = lambda n: rng.integers(4, 512, n).tolist()
+
+  def greedy(context, n):
+    out = []
+    for _ in range(n):
+      out.append(int(np.argmax(_logits(restored, context + out)[-1])))
+    return out
+
+  pairs = []
+  # A shared context whose six continuations (7 slots each) need 72 slots: split between rows.
+  context = [eos] + tokens(29)
+  pairs += [(context, tokens(8)) for _ in range(6)]
+  # Continuations sharing their first tokens (a prefix tree), a greedy one, a one-token greedy one,
+  # a one-token other one, and a duplicate of the first (the very same number).
+  context = [eos] + tokens(11)
+  stem = tokens(3)
+  pairs += [(context, stem + tokens(4)), (context, stem + tokens(2)), (context, stem[:2] + tokens(3)),
+            (context, greedy(context, 5)), (context, greedy(context, 1)), (context, tokens(1))]
+  pairs.append(pairs[-6])
+  # Longer than max_seq_len (64): cut from the left; two of them cut to one shared context.
+  long_context = [eos] + tokens(69)
+  pairs += [(long_context, tokens(10)), (long_context[:60], tokens(6)), (long_context[:60], tokens(6)),
+            (long_context[:60], tokens(3))]
+  # Many short documents: several per row, across batches.
+  for _ in range(14):
+    context = [eos] + tokens(int(rng.integers(1, 14)))
+    pairs += [(context, tokens(int(rng.integers(1, 7)))) for _ in range(int(rng.integers(1, 4)))]
+  pairs += [([eos] + tokens(5), []), ([], tokens(4))]  # nothing to score; no context
+
+  lm = lm_lib.LanguageModel(restored, batch_size=2, progress=False)
+  results = lm.loglikelihood_tokens(pairs)
+  assert lm.stats["batches"] > 1 and lm.stats["tokens"] < sum(len(c) + len(x) - 1 for c, x in pairs if x)
+  flags = []
+  for (context, continuation), (logp, is_greedy) in zip(pairs, results):
+    expected, expected_greedy, largest = _reference_request(restored, context, continuation)
+    # Two float32 forward passes of different shapes: a token's log-probability differs by the
+    # rounding of dot products over d_model = 64 terms, about sqrt(64) * 2^-24 relative to the
+    # largest |log-probability|, and the n scored tokens' errors add up (at most linearly).
+    n = max(1, min(len(continuation), restored.max_seq_len))
+    tol = 8 * n * 2.0 ** -24 * max(largest, 1.0)
+    assert abs(logp - expected) <= tol, (context, continuation, logp, expected, tol)
+    assert is_greedy == expected_greedy
+    flags.append(is_greedy)
+  assert results[-2] == (0.0, True)
+  assert results[6 + 6] == results[6] and results[6] != results[7]  # the duplicate
+  assert flags[6 + 3] and flags[6 + 4] and not all(flags)  # the greedy continuations, and some not
+
+
 def test_rolling_loglikelihood_and_the_harness_adapter(restored, lm):
   adapter = harness.HarnessLM(lm=lm)
   request = lambda *args: types.SimpleNamespace(args=args)

@@ -17,6 +17,7 @@ from mile_jax import checkpoint as checkpoint_lib
 from mile_jax import model as model_lib
 from mile_jax import optim
 from mile_jax import sharding
+from mile_jax import step as step_lib
 from mile_jax import train_lib
 from mile_jax.evaluation import perplexity
 from mile_jax.evaluation import restore as restore_lib
@@ -47,7 +48,7 @@ def _assert_trees_equal(got, expected):
 def _abstract_state(config, mesh):
   model = model_lib.Decoder(model_lib.DecoderConfig.from_config(config.model))
   tx, _ = optim.make_optimizer(config.optim, config.train.steps)
-  abstract, shardings = train_lib.state_shardings(model, tx, mesh, sharding.rules_tuple(config.mesh.rules),
+  abstract, shardings = step_lib.state_shardings(model, tx, mesh, sharding.rules_tuple(config.mesh.rules),
                                                   config.data.seq_len)
   return abstract, shardings
 
@@ -128,6 +129,16 @@ def test_another_models_config_is_named(trained, tmp_path):
   with pytest.raises(ConfigError, match=r"holds other parameters than this model "
                      r"\(params/layer_0/mlp/down/kernel has shape \(128, 64\) there, \(96, 64\) in this model\)"):
     checkpointer.restore_params(STEPS, checkpoint_lib.abstract_with_shardings(abstract.params, shardings.params))
+
+
+def test_a_run_trained_with_splash_is_scored_with_this_machines_kernel(trained, tmp_path):
+  workdir, _, state = trained
+  copy = str(tmp_path / "run")
+  shutil.copytree(workdir, copy)
+  _edit_config(copy, attention="splash")  # As a TPU run saves it; interpreted on CPU it would crawl.
+  restored = restore_lib.restore(copy, mesh_shape=(1, 1, 1), devices=jax.devices()[:1])
+  assert restored.model.cfg.attention == "auto"
+  _assert_trees_equal(jax.device_get(restored.params), state.params)
 
 
 def test_damaged_checkpoint_is_one_clear_error(trained, tmp_path):

@@ -19,6 +19,7 @@ from mile_jax import fused_loss
 from mile_jax import losses
 from mile_jax import model as model_lib
 from mile_jax import sharding
+from mile_jax import step as step_lib
 from mile_jax import train_lib
 
 NAMES = ["cross_entropy", "focal", "mile"]
@@ -187,13 +188,13 @@ def tiny_batch(vocab, rows=8, seq=32, seed=0):
 def one_step(config, workdir):
   """(parameter update, host metrics) of the first train step."""
   trainer = train_lib.Trainer(config, str(workdir))
-  state = train_lib.init_state(trainer.model, trainer.tx, trainer.mesh, trainer.rules,
+  state = step_lib.init_state(trainer.model, trainer.tx, trainer.mesh, trainer.rules,
                                config.data.seq_len, config.seed)
   before = jax.device_get(state.params)  # The step donates the state.
   batch = tiny_batch(config.model.vocab_size)
   state, metrics = trainer.train_step(state, sharding.make_global_batch(batch, trainer.mesh))
   update = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - b, jax.device_get(state.params), before)
-  return update, train_lib.host_metrics(metrics)
+  return update, step_lib.host_metrics(metrics)
 
 
 @pytest.mark.slow

@@ -34,6 +34,7 @@ from mile_jax import hf  # noqa: E402
 from mile_jax import hf_layout  # noqa: E402
 from mile_jax import model as model_lib  # noqa: E402
 from mile_jax import optim  # noqa: E402
+from mile_jax import step as step_lib  # noqa: E402
 from mile_jax import train_lib  # noqa: E402
 from mile_jax.data import corpus as corpus_lib  # noqa: E402
 from mile_jax.data import pipeline as data_pipeline  # noqa: E402
@@ -72,7 +73,7 @@ def _write_run(workdir: str, config, params, step: int = 7) -> None:
   """A workdir as train.py leaves it: checkpoint, config.json, tokenizer.model."""
   data = data_lib.make_data(config.data, config.model.vocab_size, config.data.seq_len, config.seed)
   tx, _ = optim.make_optimizer(config.optim, config.train.steps)
-  state = train_lib.TrainState(step=np.int32(step), params=params, opt_state=tx.init(params))
+  state = step_lib.TrainState(step=np.int32(step), params=params, opt_state=tx.init(params))
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1, max_to_keep=1,
                                              async_save=False)
   checkpointer.save(step, state, json.loads(config.to_json_best_effort()),

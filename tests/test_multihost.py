@@ -13,6 +13,7 @@ import pytest
 from mile_jax import checkpoint as checkpoint_lib
 from mile_jax import config_lib
 from mile_jax import distributed
+from mile_jax import step as step_lib
 from mile_jax import train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,7 +152,7 @@ def test_two_processes_match_one_and_agree_on_the_checkpoint_they_resume_from(ti
     assert checkpointer.all_steps() == [3, 6]
     return _flat(checkpointer.restore(step, target))
   restored = restore(6)
-  fresh = _flat(train_lib.init_state(restorer.model, restorer.tx, restorer.mesh, restorer.rules,
+  fresh = _flat(step_lib.init_state(restorer.model, restorer.tx, restorer.mesh, restorer.rules,
                                      config.data.seq_len, config.seed))
   expected = _flat(reference)
   assert sorted(restored) == sorted(expected) and int(restored[".step"]) == STEPS

@@ -11,6 +11,7 @@ import pytest
 from conftest import count_in_loops
 from mile_jax import plan
 from mile_jax import sharding
+from mile_jax import step as step_lib
 from mile_jax import train_lib
 
 
@@ -33,14 +34,14 @@ def run_steps(config, devices, workdir, steps=2):
   """
   config.optim.warmup_steps = 0
   trainer = train_lib.Trainer(config, str(workdir), devices=devices)
-  state = train_lib.init_state(trainer.model, trainer.tx, trainer.mesh, trainer.rules,
+  state = step_lib.init_state(trainer.model, trainer.tx, trainer.mesh, trainer.rules,
                                config.data.seq_len, config.seed)
   initial = jax.device_get(state.params)  # the step donates its state
   records = []
   for step in range(steps):
     batch = synthetic_batch(step, config.data.global_batch_size, config.data.seq_len, config.model.vocab_size)
     state, metrics = trainer.train_step(state, sharding.make_global_batch(batch, trainer.mesh))
-    values = train_lib.host_metrics(metrics)
+    values = step_lib.host_metrics(metrics)
     records.append((values["loss"], values["grad_norm"]))
   return initial, state, np.array(records)
 
@@ -79,7 +80,7 @@ def test_mesh_gives_same_loss_and_params(shape, single_device_run, tiny_config, 
 def test_parameters_are_sharded_as_the_rules_say(tiny_config, tmp_path):
   config = tiny_config(**{"mesh.shape": (2, 2, 2), "mesh.num_devices": 0})
   trainer = train_lib.Trainer(config, str(tmp_path))
-  state = train_lib.init_state(trainer.model, trainer.tx, trainer.mesh, trainer.rules, 32, 0)
+  state = step_lib.init_state(trainer.model, trainer.tx, trainer.mesh, trainer.rules, 32, 0)
   gate = state.params["layer_0"]["mlp"]["gate"]["kernel"]  # (embed, mlp) -> (fsdp, tensor)
   assert tuple(gate.sharding.spec) == ("fsdp", "tensor")
   assert gate.addressable_shards[0].data.shape == (64 // 2, 128 // 2)
@@ -117,9 +118,9 @@ def test_eval_step_in_microbatches_sums_the_whole_batch(single_device_run, tiny_
   batch = synthetic_batch(7, config.data.global_batch_size, config.data.seq_len, config.model.vocab_size)
   sums = {}
   for count in (1, 4):
-    step = jax.jit(functools.partial(train_lib.eval_step, model=trainer.model, loss_config=config.loss,
+    step = jax.jit(functools.partial(step_lib.eval_step, model=trainer.model, loss_config=config.loss,
                                      microbatches=count))
-    with train_lib.mesh_context(trainer.mesh, trainer.rules):
+    with sharding.mesh_context(trainer.mesh, trainer.rules):
       sums[count] = jax.device_get(step(state.params, sharding.make_global_batch(batch, trainer.mesh)))
   logits = np.asarray(trainer.model.apply({"params": state.params}, batch["inputs"]), np.float64)
   log_p = logits - logits.max(-1, keepdims=True)

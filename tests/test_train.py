@@ -16,6 +16,7 @@ import pytest
 
 from conftest import make_tiny_config
 from mile_jax import model as model_lib
+from mile_jax import step as step_lib
 from mile_jax import train_lib
 
 EPS32 = 2.0 ** -24
@@ -77,10 +78,10 @@ def test_step_gradient_is_that_of_the_normalised_loss(name, impl, microbatches, 
   model, params, batch, reference_grad = gradient_problem
   config = make_tiny_config(**{"loss.name": name, "loss.impl": impl, "loss.gamma": 2.0 if name == "focal" else 1.0,
                                "loss.block_size": 64, "train.microbatches": microbatches})
-  step = jax.jit(functools.partial(train_lib.train_step, model=model, tx=_gradient_capture(),
+  step = jax.jit(functools.partial(step_lib.train_step, model=model, tx=_gradient_capture(),
                                    schedule=optax.constant_schedule(0.0), loss_config=config.loss,
                                    microbatches=microbatches))
-  state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=params)
+  state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=params)
   state, metrics = step(state, batch)
   grads = state.opt_state
 
@@ -149,6 +150,7 @@ def test_validation_record_matches_a_float64_reference(tiny_config, tmp_path):
   # 2 layers of attention (4 query and 2 key/value heads of 16) and SwiGLU (128), 2 norms each, a final
   # norm, embedding and unembedding: 2 * (2*64*64 + 2*64*32 + 3*64*128 + 2*64) + 64 + 2*512*64.
   assert lines[0].startswith("Model: 139,584 parameters (2 layers")
+  assert "float32, xla attention: auto on cpu)" in lines[0]
   assert any(line.startswith("Validation: every 10 steps, [eval] lines score the first 2 batches (16 of")
              for line in lines)
   assert lines[-1].startswith("Training finished at step 10 of 10 (10 steps in ")

@@ -40,9 +40,11 @@ def _records(workdir, split):
 
 
 def _config(task_dir, **overrides):
-  settings = {"train.steps": 4, "optim.warmup_steps": 1, "optim.learning_rate": 3e-2, "train.log_every": 2, "train.eval_every": 2, "train.eval_batches": 2,
-              "train.microbatches": 2, "train.eval_tasks": "piqa,arc_easy", "train.eval_tasks_every": 2,
-              "train.eval_tasks_limit": 36, "train.eval_tasks_data_dir": task_dir, "train.eval_tasks_batch_size": 4,
+  # A learning rate high enough that the model's picks change between steps 2 and 4.
+  settings = {"train.steps": 4, "optim.warmup_steps": 1, "optim.learning_rate": 3e-2, "train.log_every": 2,
+              "train.eval_every": 2, "train.eval_batches": 2, "train.microbatches": 2,
+              "train.eval_tasks": "piqa,arc_easy", "train.eval_tasks_every": 2, "train.eval_tasks_limit": 36,
+              "train.eval_tasks_data_dir": task_dir, "train.eval_tasks_batch_size": 4,
               "checkpoint.every_steps": 2, "checkpoint.max_to_keep": 4}
   settings.update(overrides)
   return make_tiny_config(**settings)
@@ -55,8 +57,9 @@ def test_scores_in_training_equal_eval_py_on_the_checkpoint_of_that_step(tmp_pat
   train_lib.Trainer(_config(task_dir), workdir, devices=jax.devices()[:1]).run()
   tasks, buckets = _records(workdir, "tasks"), _records(workdir, "buckets")
   assert sorted(tasks) == [2, 4] and sorted(buckets) == [2, 4]
-  # Step 2, a checkpoint the run trained past. Buckets: eval.py's batches of --batch_size rows are the
-  # micro-batches (8 rows / 2) over the [eval] rows, train.eval_batches * 2 of them.
+  # Step 2, a checkpoint the run trained past, through eval.py's code. Buckets: its batches of --batch_size
+  # rows are the micro-batches (8 rows / 2) over the [eval] rows, train.eval_batches * 2 of them. Exact
+  # equality: the same function of the same parameters on the same mesh and batches.
   result = runner.evaluate(runner.EvalOptions(
       workdir=workdir, step=2, tasks="buckets,piqa,arc_easy", limit=36, task_data_dir=task_dir, batch_size=4,
       ppl_batches=4, mesh_shape=(1, 1, 1), devices=jax.devices()[:1]))["tasks"]

@@ -98,7 +98,8 @@ class InTrainingEval:
   def tasks_due(self, step: int, final: bool) -> bool:
     return bool(self.tasks) and (step % self.config.train.eval_tasks_every == 0 or final)
 
-  def _run(self, params, data, fn: Callable[[], dict]) -> dict:
+  def _with_params(self, params, data, fn: Callable[[], dict]) -> dict:
+    """`fn()` with `self.loaded` holding `params` (dropped after) and the run's tokenizer."""
     self.loaded.params, self.loaded.tokenizer = params, data.tokenizer
     try:
       return fn()
@@ -112,7 +113,7 @@ class InTrainingEval:
       counts = data.train.token_counts(self.config.model.vocab_size)
       self._bucket_of_id = buckets_lib.frequency_buckets(counts)
     d, micro = self.config.data, self.config.train.microbatches
-    sums = self._run(params, data, lambda: perplexity.evaluate(
+    sums = self._with_params(params, data, lambda: perplexity.evaluate(
         self.loaded, data.validation, batch_size=d.global_batch_size // micro, max_batches=eval_batches * micro,
         bucket_of_id=self._bucket_of_id, num_buckets=len(buckets_lib.BUCKET_NAMES), progress=False))
     metrics = perplexity.bucket_metrics(sums, self._bucket_of_id)
@@ -120,10 +121,10 @@ class InTrainingEval:
             if key.rsplit(".", 1)[1] in ("perplexity", "entropy", "tokens")}
 
   def write_buckets(self, step: int, params, data, eval_batches: int, writer) -> None:
+    """Writes `bucket_scalars` as split `buckets` (`metrics.MetricWriter`)."""
     rows = eval_batches * self.config.data.global_batch_size
     writer.write(step, self.bucket_scalars(params, data, eval_batches), "buckets",
-                 f"high/medium/low: the ids covering the first 80% / the last 5% of training occurrences / the rest; "
-                 f"the first {rows} validation rows")
+                 f"high: the ids of 80% of training occurrences, low: the rarest 5%; the first {rows} validation rows")
 
   def task_scalars(self, params, data) -> dict[str, float]:
     """`<task>/<metric>` and `<task>/<metric>_stderr` of every task under `params`."""
@@ -133,7 +134,7 @@ class InTrainingEval:
                                       progress=False)
     out = {}
     for prepared in self.tasks:
-      entry = self._run(params, data, lambda p=prepared: task_eval.score(self._lm, p))
+      entry = self._with_params(params, data, lambda p=prepared: task_eval.score(self._lm, p))
       for metric, value in entry["metrics"].items():
         out[f"{prepared.task.name}/{metric}"] = value["value"]
         out[f"{prepared.task.name}/{metric}_stderr"] = value["stderr"]

@@ -8,8 +8,12 @@ whitespace at the end of the context moves to the continuation, the pair is
 encoded together and the continuation is what follows the context's tokens.
 Sequences longer than the model's `max_seq_len` lose tokens from the left.
 
-Requests are sorted by length and run in fixed-size batches padded to a few
-lengths (powers of two up to `max_seq_len`), so a task compiles a few times.
+Log-likelihood requests are scored in packed rows (`packed_requests`): the
+continuations of one context share a single copy of it, several documents
+share a row, and logits are formed only where a continuation token is
+predicted. Row widths come from a few lengths (powers of two up to
+`max_seq_len`), so a task compiles a few times. Generation runs one prompt per
+row, left-padded to one of the same lengths.
 """
 
 import functools
@@ -17,12 +21,13 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import tqdm
 
 from mile_jax import losses
+from mile_jax import model as model_lib
 from mile_jax import sharding
 from mile_jax.evaluation import generation
+from mile_jax.evaluation import packed_requests
 from mile_jax.evaluation import scoring
 from mile_jax.evaluation.model_on_mesh import ModelOnMesh
 
@@ -36,14 +41,21 @@ def length_buckets(max_len: int, smallest: int = 32) -> tuple[int, ...]:
   return tuple(out) + (max_len,)
 
 
-def _score_rows(params, batch, *, model):
-  """Summed log-probability of the masked targets per row, and whether each
-  masked target is the argmax: (B,) float32 and (B,) bool."""
-  logits = model.apply({"params": params}, batch["inputs"])  # (B, T, V)
-  logp = -losses.token_cross_entropy(logits, batch["targets"])  # (B, T) float32
-  mask = batch["mask"] > 0
-  greedy = jnp.argmax(logits, axis=-1) == batch["targets"]
-  return jnp.sum(jnp.where(mask, logp, 0.0), axis=1), jnp.all(greedy | ~mask, axis=1)
+def _score_packed(params, batch, *, model):
+  """Log-probability of every scored slot's target and whether it is the argmax:
+  (G, S) float32 and (G, S) bool, for a `packed_requests.Batch`'s arrays."""
+  mask = packed_requests.attention_mask(batch["visible_until"])  # (B, 1, W, W)
+  hidden = model.apply({"params": params}, batch["inputs"], positions=batch["positions"], attention_mask=mask,
+                       return_hidden=True)  # (B, W, D)
+  (b, w, d), g = hidden.shape, batch["sources"].shape[0]
+  hidden = hidden.reshape(g, b // g * w, d)  # Each group's rows stay on its shard.
+  picked = jnp.take_along_axis(hidden, batch["sources"][:, :, None], axis=1)  # (G, S, D)
+  logits = model_lib.unembedding(model.cfg).apply({"params": params["lm_head"]}, picked)  # (G, S, V) float32
+  logp = -losses.token_cross_entropy(logits, batch["targets"])  # (G, S)
+  # The first index of the largest logit, as argmax: two plain reductions run faster on a CPU than argmax's.
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  first = jnp.min(jnp.where(logits == top, jnp.arange(logits.shape[-1]), logits.shape[-1]), axis=-1)
+  return logp, first == batch["targets"]
 
 
 class LanguageModel:
@@ -54,6 +66,11 @@ class LanguageModel:
       parameters (`in_training`); its `params` are read at every call.
     batch_size: rows per forward pass (rounded up to the data-parallel size).
     progress: show a progress bar per call.
+
+  `stats` holds the last log-likelihood call's counts: requests, batches,
+  slots (row slots computed, padding included), tokens (real input tokens),
+  logit_rows (positions unembedded, padding included) and scored (continuation
+  tokens scored).
   """
 
   def __init__(self, loaded: ModelOnMesh, batch_size: int = 32, progress: bool = True):
@@ -61,12 +78,15 @@ class LanguageModel:
     self.tokenizer = loaded.tokenizer
     dp = sharding.data_parallel_size(loaded.mesh)
     self.batch_size = -(-max(batch_size, 1) // dp) * dp
+    self._row_groups = dp  # The scored positions are gathered per data-parallel shard.
     self.max_len = loaded.max_seq_len
     self.buckets = length_buckets(self.max_len)
     data = loaded.config.data
     self.prefix = [self.tokenizer.bos_id] if data.get("add_bos", False) else [self.tokenizer.eos_id]
     self.progress = progress
-    self._score = jax.jit(functools.partial(_score_rows, model=loaded.model))
+    self._score = jax.jit(functools.partial(_score_packed, model=loaded.model))
+    self._cost = packed_requests.Cost.of(loaded.model.cfg)
+    self.stats: dict[str, int] = {}
     self._generator = generation.GreedyGenerator(loaded.model.cfg, loaded.mesh)
 
   # --- tokenization -------------------------------------------------------
@@ -86,32 +106,26 @@ class LanguageModel:
   def loglikelihood_tokens(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
                            desc: str = "loglikelihood") -> list[tuple[float, bool]]:
     """(sum of log p(continuation | context), continuation is the greedy one) per pair."""
-    rows = []
-    for context, continuation in pairs:
-      seq = (list(context) + list(continuation))[-(self.max_len + 1):]
-      scored = min(len(continuation), len(seq) - 1)
-      rows.append((seq, scored))
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-    results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
-    batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+    groups, same_as = packed_requests.make_groups(pairs, self.max_len)
+    width, scored, plans = packed_requests.choose(groups, self.batch_size, self._row_groups, self.max_len,
+                                                  self._cost)
+    self.stats = dict(requests=len(pairs), batches=len(plans), width=width, scored_width=scored,
+                      slots=len(plans) * self.batch_size * width, tokens=0,
+                      logit_rows=len(plans) * self._row_groups * scored,
+                      scored=sum(u.scored for rows in plans for row in rows for u in row))
+    owners, outputs = [], []
     with self.loaded.context():
-      for batch_ids in tqdm.tqdm(batches, desc=desc, disable=not self.progress, dynamic_ncols=True, leave=False):
-        longest = len(rows[batch_ids[0]][0]) - 1
-        width = next(b for b in self.buckets if b >= longest)
-        inputs = np.zeros((self.batch_size, width), np.int32)
-        targets = np.zeros((self.batch_size, width), np.int32)
-        mask = np.zeros((self.batch_size, width), np.float32)
-        for r, i in enumerate(batch_ids):
-          seq, scored = rows[i]
-          n = len(seq) - 1
-          inputs[r, :n], targets[r, :n] = seq[:-1], seq[1:]
-          mask[r, n - scored:n] = 1.0
-        batch = sharding.make_global_batch({"inputs": inputs, "targets": targets, "mask": mask},
-                                           self.loaded.mesh)
-        logp, greedy = jax.device_get(self._score(self.loaded.params, batch))
-        for r, i in enumerate(batch_ids):
-          results[i] = (float(logp[r]), bool(greedy[r]))
-    return results
+      for rows in tqdm.tqdm(plans, desc=desc, disable=not self.progress, dynamic_ncols=True, leave=False):
+        batch = packed_requests.layout(rows, width, self._row_groups, scored)  # Built while the device runs the batch before.
+        self.stats["tokens"] += batch.tokens
+        owners.append(batch.owner)
+        outputs.append(self._score(self.loaded.params, sharding.make_global_batch(batch.arrays, self.loaded.mesh)))
+        if len(outputs) > 1:  # The batch before has had the time of this one's layout to finish.
+          outputs[-2] = jax.device_get(outputs[-2])
+      outputs = jax.device_get(outputs)
+    logps, greedy = zip(*outputs) if outputs else ((), ())
+    sums, all_greedy = packed_requests.totals(owners, logps, greedy, same_as)
+    return [(float(x), bool(g)) for x, g in zip(sums, all_greedy)]
 
   def loglikelihood(self, requests: Sequence[tuple[str, str]], desc: str = "loglikelihood"):
     """(log p(continuation | context), is greedy) per (context, continuation) string pair."""

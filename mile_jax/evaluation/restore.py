@@ -22,7 +22,7 @@ from mile_jax import checkpoint as checkpoint_lib
 from mile_jax import model as model_lib
 from mile_jax import optim
 from mile_jax import sharding
-from mile_jax import train_lib
+from mile_jax import step as step_lib
 from mile_jax import workdir as workdir_lib
 from mile_jax.data import tokenizer as tokenizer_lib
 from mile_jax.errors import ConfigError
@@ -121,7 +121,10 @@ def restore(path: str, step: int | None = None, mesh_shape: Sequence[int] = DEFA
   except ValueError as e:
     raise EvalError(f"--mesh_shape: {e}") from None
   rules = sharding.rules_tuple(config.mesh.rules)
-  model = model_lib.Decoder(model_lib.DecoderConfig.from_config(config.model))
+  # The attention kernel does not change the scores: pick the one for this machine, not the training run's
+  # (a run trained with splash on TPU would otherwise be scored by the kernel's slow interpreter here).
+  model_config = dataclasses.replace(model_lib.DecoderConfig.from_config(config.model), attention="auto")
+  model = model_lib.Decoder(model_config)
   params = restore_params(checkpoint_dir, step, model, mesh, rules, config, config_json)
   return Restored(config=config, model=model, params=params, mesh=mesh, rules=rules, tokenizer=tokenizer,
                   step=step, workdir=workdir, config_hash=config_hash(config_json))
@@ -153,7 +156,7 @@ def restore_params(checkpoint_dir: str, step: int, model: model_lib.Decoder, mes
   """
   # The optimizer only shapes the abstract state (nothing is allocated); its params part is kept.
   tx, _ = optim.make_optimizer(config.optim, config.train.steps)
-  abstract, shardings = train_lib.state_shardings(model, tx, mesh, rules, config.data.seq_len)
+  abstract, shardings = step_lib.state_shardings(model, tx, mesh, rules, config.data.seq_len)
   checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir, every_steps=1, max_to_keep=1 << 30,
                                              async_save=False)
   where = checkpointer.step_path(step)

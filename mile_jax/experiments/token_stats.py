@@ -8,7 +8,6 @@ import numpy as np
 
 from mile_jax import losses
 from mile_jax import sharding
-from mile_jax import train_lib
 from mile_jax.data import synthetic
 from mile_jax.evaluation import buckets as buckets_lib
 
@@ -30,7 +29,7 @@ def per_token(trainer: Any, params: Any, num_batches: int) -> dict[str, np.ndarr
   """
   data = trainer.load_data()
   out = {k: [] for k in ("ce", "entropy", "inputs", "targets", "mask")}
-  with train_lib.mesh_context(trainer.mesh, trainer.rules):
+  with sharding.mesh_context(trainer.mesh, trainer.rules):
     for i in range(num_batches):
       local = trainer.local_batch(data.validation, i)
       ce, entropy = _token_losses(params, sharding.make_global_batch(local, trainer.mesh), trainer.model)
