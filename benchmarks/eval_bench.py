@@ -5,7 +5,8 @@ JAX's backend-compile event) and then --reps times warm (median reported):
 - ppl: `perplexity.evaluate` over --ppl_batches validation batches;
 - loglikelihood: multiple-choice style requests (--docs documents x 4 choices,
   random token contexts of 8 to max_seq_len-16 tokens, 1 to 12 continuation
-  tokens) through `LanguageModel.loglikelihood_tokens`, at each --batch_sizes;
+  tokens) through `LanguageModel.loglikelihood_tokens` (packed rows, one shared
+  context per document), at each --batch_sizes;
 - generate: greedy decoding of 8 prompts (8 to 32 tokens, padded to 32) for
   --gen_tokens new tokens, with the key/value cache and without it.
 Restore: a checkpoint of --restore_model (random parameters, AdamW state) is
@@ -135,7 +136,9 @@ def task_rows(restored, args, counter) -> list[dict]:
   for bs in args.batch_sizes:
     lm = lm_lib.LanguageModel(restored, batch_size=bs, progress=False)
     r = cold_then_warm(lambda lm=lm: lm.loglikelihood_tokens(pairs), args.reps, counter)
-    rows.append({"task": "loglikelihood", "setting": f"batch {bs}, {len(pairs)} requests",
+    st = lm.stats
+    rows.append({"task": "loglikelihood", "setting": f"batch {bs}, {len(pairs)} requests: {st['batches']} x {bs} "
+                 f"rows of {st['width']}, {st['tokens']:,} of {st['slots']:,} slots real",
                  "unit": "requests/s", "rate": len(pairs) / r["warm_s"], **r})
   rng = np.random.default_rng(1)
   vocab = restored.config.model.vocab_size

@@ -9,7 +9,7 @@ on one checkpoint, with the harness driving `harness.HarnessLM`:
 * requests: each harness request (document, choice index, arguments) against
   mile_jax's `tasks.build_examples` for the same documents and few-shot count;
 * metrics: the harness's acc / acc_norm / exact_match and their standard
-  errors against `runner.score_task` (MMLU: the size-weighted group of its
+  errors against `runner.score_tasks` (MMLU: the size-weighted group of its
   subjects).
 
 TriviaQA's scored documents get a variant of the model's own answer as an
@@ -181,7 +181,7 @@ def harness_requests(seen, names: dict[str, str]):
 
 
 def mile_answers(lm, task: tasks_lib.Task, ours: dict, max_gen_toks: int) -> dict[tuple[str, int, int], object]:
-  """The model's answer to each mile_jax request, in one call as runner.score_task makes it."""
+  """The model's answer to each mile_jax request, in one call as runner.score_tasks makes it."""
   keys = [(sub, i, j) for (sub, i), reqs in ours.items() for j in range(len(reqs))]
   flat = [ours[(sub, i)][j] for sub, i, j in keys]
   if task.output == "generate_until":
@@ -204,8 +204,8 @@ def compare(name: str, shots: int, lm, model: RecordingLM, names: dict[str, str]
   (theirs, their_answers), ours = harness_requests(seen, names), mile_requests(task, root, shots)
   same = sum(theirs.get(k) == v for k, v in ours.items())
   first_diff = next(((k, theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v), None)
-  entry = runner.score_task(lm, task, runner.EvalOptions(workdir="", task_data_dir=root, num_fewshot=shots,
-                                                         max_gen_toks=max_gen_toks))
+  entry = runner.score_tasks(lm, [name], runner.EvalOptions(workdir="", task_data_dir=root, num_fewshot=shots,
+                                                            max_gen_toks=max_gen_toks))[name]
   res = results[names[name]]
   filt = HARNESS_FILTER.get(name, "none")
   metrics = {}

@@ -10,11 +10,13 @@ files or, with --task_source=tfds or auto, from the TFDS catalog).
 `mile-eval --compare DIR_A DIR_B ...` prints saved results side by side.
 """
 
+import os
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 
 from mile_jax.evaluation import report
 from mile_jax.evaluation import runner
@@ -39,6 +41,10 @@ _BUCKET_LOW = flags.DEFINE_float("bucket_low", 0.05, "buckets: share of training
 _MAX_GEN_TOKS = flags.DEFINE_integer("max_gen_toks", 256, "Generation tasks: most new tokens per answer.")
 _MESH_SHAPE = flags.DEFINE_list("mesh_shape", ["1", "-1", "1"], "(data, fsdp, tensor) mesh over this machine's devices.")
 _OUTPUT = flags.DEFINE_string("output", "", "Result JSON path; default <workdir>/eval/step<N>_<time>.json.")
+_COMPILATION_CACHE_DIR = flags.DEFINE_string(
+    "compilation_cache_dir", "~/.cache/mile_jax/jax",
+    "JAX's persistent compilation cache: a later eval.py on the same model and shapes loads its programs "
+    "instead of compiling them; '' to turn it off.")
 _COMPARE = flags.DEFINE_multi_string("compare", None, "Print saved results (workdirs or JSON files) side by side.")
 
 
@@ -54,6 +60,9 @@ def main(argv):
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not _WORKDIR.value:
       raise EvalError("--workdir: required (a training workdir with checkpoints)")
+    if _COMPILATION_CACHE_DIR.value:
+      jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_COMPILATION_CACHE_DIR.value))
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # eval.py's programs compile in < 1 s
     opts = runner.EvalOptions(
         workdir=_WORKDIR.value, step=_STEP.value, tasks=_TASKS.value, num_fewshot=_NUM_FEWSHOT.value,
         limit=_LIMIT.value, task_data_dir=_TASK_DATA_DIR.value,

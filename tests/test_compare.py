@@ -1,39 +1,91 @@
 """The loss comparison: seed statistics, resuming, results and plots."""
 
 import json
+import math
 import os
 
 import numpy as np
 import pytest
 
+from mile_jax import data as data_lib
 from mile_jax import train_lib
 from mile_jax.experiments import compare
+from mile_jax.experiments import plots
 from mile_jax.experiments import tables
+from mile_jax.experiments import token_stats
 from conftest import make_tiny_config
 
 
-def summary(ce, high, low):
-  return {"ce": ce, "perplexity": float(np.exp(ce)),
-          "buckets": {"high": {"perplexity": high, "entropy": 1.0}, "medium": {"tokens": 0},
-                      "low": {"perplexity": low, "entropy": 2.0}}}
+def summary(ce, high, low, docs=None):
+  """A token_stats summary with per-bucket ce (and per-document sums when `docs` is given)."""
+  out = {"ce": ce, "perplexity": float(np.exp(ce)),
+         "buckets": {"high": {"ce": high, "perplexity": float(np.exp(high)), "entropy": 1.0},
+                     "medium": {"tokens": 0}, "low": {"ce": low, "perplexity": float(np.exp(low)), "entropy": 2.0}}}
+  if docs is not None:
+    out["documents"] = docs
+  return out
 
 
-def test_table_statistics_by_hand():
-  final = {"cross_entropy": [summary(2.0, 5.0, 50.0), summary(2.2, 7.0, 70.0), summary(2.4, 6.0, 60.0)],
-           "mile_g1": [summary(1.0, 5.0, 40.0), summary(1.1, 5.0, 40.0), summary(1.2, 5.0, 40.0)]}
-  rows = tables.metric_rows(final)
+def test_levels_and_paired_differences_by_hand():
+  ce_runs = {0: {4: summary(2.0, 1.0, 5.0)}, 1: {4: summary(2.2, 1.5, 7.0)}, 2: {4: summary(2.4, 1.2, 6.0)}}
+  mile_runs = {0: {4: summary(1.9, 1.1, 4.0)}, 1: {4: summary(2.2, 1.4, 6.5)}, 2: {4: summary(2.1, 1.3, 5.0)}}
+  rows = tables.metric_rows({"cross_entropy": [r[4] for r in ce_runs.values()]})
   mean, std = rows["cross_entropy"]["ce"]
   assert mean == pytest.approx(2.2) and std == pytest.approx(0.2)  # sqrt((0.04 + 0 + 0.04) / 2)
-  assert rows["cross_entropy"]["high_perplexity"] == pytest.approx((6.0, 1.0))
-  assert rows["mile_g1"]["low_perplexity"] == (40.0, 0.0)
-  assert "medium_perplexity" not in rows["mile_g1"]
-  diff = tables.differences(rows)["mile_g1"]
-  assert diff["difference"] == pytest.approx(-1.1) and diff["spread"] == pytest.approx(0.3)
-  assert diff["exceeds_spread"]
-  close = tables.differences({"cross_entropy": {"ce": (2.0, 0.1)}, "x": {"ce": (2.15, 0.1)}})["x"]
-  assert not close["exceeds_spread"]
-  md = tables.markdown(rows, 3)
-  assert "| mile_g1 | 1.1000 ± 0.1000 |" in md and "over 3 seeds" in md
+  assert rows["cross_entropy"]["low_ce"] == pytest.approx((6.0, 1.0))
+  assert "medium_ce" not in rows["cross_entropy"]
+
+  out = tables.paired({"cross_entropy": ce_runs, "mile_g1": mile_runs})["mile_g1"]
+  # Overall: differences -0.1, 0, -0.3 -> mean -0.1333, sd 0.152753, half-width 4.302653 * 0.152753 / sqrt(3).
+  assert out["all"]["per_seed"] == pytest.approx({0: -0.1, 1: 0.0, 2: -0.3})
+  half = 4.302653 * 0.1527525 / math.sqrt(3)
+  assert (out["all"]["t"]["low"], out["all"]["t"]["high"]) == pytest.approx((-0.1333333 - half, -0.1333333 + half),
+                                                                             abs=1e-6)
+  assert out["low"]["per_seed"] == pytest.approx({0: -1.0, 1: -0.5, 2: -1.0})
+  assert "medium" not in out and "bootstrap" not in out["all"]  # no tokens; no per-document sums
+  assert out["all"]["step"] == 4
+
+  curve = tables.curves({"cross_entropy": ce_runs, "mile_g1": mile_runs}, difference=True)
+  assert list(curve) == ["mile_g1"] and curve["mile_g1"]["low"]["mean"] == pytest.approx([-2.5 / 3])
+  md = tables.paired_markdown({"mile_g1": out})
+  assert "| mile_g1 | -0.1333 [" in md and "over 3 seeds" in md
+
+
+def test_paired_bootstrap_uses_document_sums():
+  def docs(high_ce, low_ce):
+    return {"high": {"tokens": [2, 1], "ce": high_ce}, "medium": {"tokens": [0, 0], "ce": [0.0, 0.0]},
+            "low": {"tokens": [1, 0], "ce": low_ce}}
+  ce_runs = {s: {8: summary(1.0, 1.0, 1.0, docs([2.0, 1.0], [1.0, 0.0]))} for s in (0, 1)}
+  mile_runs = {0: {8: summary(0.9, 0.9, 0.8, docs([1.6, 1.1], [0.8, 0.0]))},
+               1: {8: summary(1.0, 1.0, 1.0, docs([2.0, 1.0], [1.0, 0.0]))}}
+  out = tables.paired({"cross_entropy": ce_runs, "mile_g1": mile_runs}, replicates=200)["mile_g1"]
+  # Seed 0's document sums: high (1.6 + 1.1 - 3.0) / 3 = -0.1, all (-0.3 - 0.2) / 4 = -0.125; seed 1: 0.
+  assert out["high"]["bootstrap"]["mean"] == pytest.approx(-0.05)
+  assert out["all"]["bootstrap"]["mean"] == pytest.approx(-0.0625)
+  # Replicates: seed 0 drawn twice (1/4) and documents {0, 0} (1/4) give -1.2 / 6 = -0.2, documents {1, 1}
+  # give 0.1 / 1 = +0.1; each extreme has probability 1/16 > 2.5%, so they are the interval's ends.
+  assert (out["all"]["bootstrap"]["low"], out["all"]["bootstrap"]["high"]) == pytest.approx((-0.2, 0.1))
+  other = {0: {8: summary(1.0, 1.0, 1.0, {**docs([2.0, 1.0], [1.0, 0.0]), "low": {"tokens": [0, 1], "ce": [0, 1]}})},
+           1: mile_runs[1]}
+  with pytest.raises(ValueError, match="other validation tokens"):
+    tables.paired({"cross_entropy": ce_runs, "mile_g1": other})
+
+
+def test_gamma_plot(tmp_path):
+  def entry(mean):
+    return {"t": {"mean": mean, "low": mean - 0.01, "high": mean + 0.01},
+            "bootstrap": {"mean": mean, "low": mean - 0.005, "high": mean + 0.005}}
+  paired = {label: {part: entry(mean) for part in tables.PARTS}
+            for label, mean in (("focal_g1", 0.02), ("mile_g0.5", -0.01), ("mile_g2", -0.03))}
+  path = plots.gamma_sensitivity(paired, str(tmp_path / "gamma.png"))
+  assert os.path.getsize(path) > 5_000 and open(path, "rb").read(4) == b"\x89PNG"
+
+
+def test_document_ids():
+  # Inputs 5 3 7 8 3 3 9 with EOS 3: targets after an EOS input start a document (an empty one between
+  # the two EOS), the target EOS (input 8's) belongs to the document it ends.
+  assert token_stats.document_ids(np.array([5, 3, 7, 8, 3, 3, 9]), 3).tolist() == [0, 1, 1, 1, 2, 3, 3]
+  assert token_stats.document_ids(np.array([5, 6]), None).tolist() == [0, 0]
 
 
 def test_run_specs_dedupe_and_order():
@@ -55,7 +107,7 @@ def comparison_config():
                               "optim.warmup_steps": 2, "checkpoint.every_steps": 3,
                               "checkpoint.max_to_keep": 10, "data.source": "synthetic:zipf",
                               "data.synthetic_train_tokens": 20_000, "data.synthetic_val_tokens": 4_000})
-  c.losses, c.mile_gammas, c.seeds, c.eval_batches = ("cross_entropy", "mile:1.0"), (), (0,), 2
+  c.losses, c.mile_gammas, c.seeds, c.eval_batches, c.final_eval_batches = ("cross_entropy", "mile:1.0"), (), (0,), 2, 3
   return c
 
 
@@ -82,7 +134,7 @@ def test_compare_resumes_and_writes_results(tmp_path, monkeypatch):
   run = results["runs"]["mile_g1/seed0"]
   assert [s for s, _ in run["curve"]] == [3, 6]
   final = run["final"]
-  assert final["tokens"] == 2 * 8 * 32
+  assert final["tokens"] == 3 * 8 * 32  # final_eval_batches at the last step
   # The optimum is below the model's loss, and per bucket too.
   assert 0 < final["optimal"] < final["ce"]
   assert all(b["excess"] > 0 for b in final["buckets"].values() if b["tokens"])
@@ -95,6 +147,51 @@ def test_compare_resumes_and_writes_results(tmp_path, monkeypatch):
   for path in results["plots"]:
     assert os.path.getsize(path) > 5_000 and open(path, "rb").read(4) == b"\x89PNG"
 
+  # Per-document sums (the bootstrap's unit) at the last step add up to the bucket statistics; each is
+  # rounded to 1e-6, so a mean over n tokens of D documents is off by at most D * 5e-7 / n.
+  stats_path = os.path.join(workdir, "runs", "mile_g1", "seed0", "token_stats.json")
+  with open(stats_path, encoding="utf-8") as f:
+    measured = json.load(f)
+  assert "documents" not in measured["3"] and measured["3"]["tokens"] == 2 * 8 * 32
+  docs = measured["6"]["documents"]
+  cfg = compare.run_config(config, compare.RunSpec("mile_g1", "mile", 1.0, 0))
+  validation = data_lib.make_data(cfg.data, cfg.model.vocab_size, cfg.data.seq_len, cfg.seed).validation
+  inputs = np.concatenate([validation.batch(i, 8)["inputs"].ravel() for i in range(3)])
+  # One document per EOS input, plus the one the measured tokens start in unless they start at an EOS.
+  assert len(docs["high"]["tokens"]) == (inputs == validation.eos_id).sum() + (inputs[0] != validation.eos_id)
+  for bucket, values in measured["6"]["buckets"].items():
+    assert sum(docs[bucket]["tokens"]) == values["tokens"]
+    if values["tokens"]:
+      tol = 5e-7 * len(docs[bucket]["ce"]) / values["tokens"] + 1e-12
+      assert sum(docs[bucket]["ce"]) / values["tokens"] == pytest.approx(values["ce"], abs=tol)
+      excess = (sum(docs[bucket]["ce"]) - sum(docs[bucket]["optimal"])) / values["tokens"]
+      assert excess == pytest.approx(values["excess"], abs=2 * tol)
+  base_final = results["runs"]["cross_entropy/seed0"]["final"]
+  paired = results["paired"]["mile_g1"]["all"]
+  assert paired["per_seed"] == {0: pytest.approx(final["ce"] - base_final["ce"], abs=1e-12)}
+  assert paired["t"]["low"] is None  # one seed: no t interval
+  assert paired["bootstrap"]["mean"] == pytest.approx(paired["per_seed"][0], abs=1e-5)
+  assert paired["excess_share"] == pytest.approx(paired["per_seed"][0] / base_final["excess"])
+  assert "documents" not in final  # results.json keeps the per-seed summaries, not the per-document sums
+
+  # A run measured before per-document sums existed is measured again at its last step, not retrained.
+  del measured["6"]["documents"]
+  with open(stats_path, "w", encoding="utf-8") as f:
+    json.dump(measured, f)
   monkeypatch.setattr(train_lib.Trainer, "run", lambda *a, **k: pytest.fail("retrained a finished run"))
   again = compare.compare(config, workdir, echo=lambda *_: None)
   assert again["rows"] == results["rows"]
+  assert again["paired"]["mile_g1"]["all"]["bootstrap"] == paired["bootstrap"]
+
+
+def test_steps_to_measure():
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict({"eval_batches": 4, "final_eval_batches": 0})
+  done = {"eval_batches": 4}
+  history = {2: done, 4: {"eval_batches": 8}, 6: {"eval_batches": 0}, 8: {"eval_batches": 0, "documents": {}}}
+  # 4: another number of batches; 6: the last step without per-document sums; 10: never measured.
+  assert compare.steps_to_measure([2, 4, 6, 10], history, 6, config) == [4, 6, 10]
+  assert compare.steps_to_measure([2, 8], history, 8, config) == []
+  assert compare.steps_to_measure([2], {2: {"eval_batches": 0, "documents": {}}}, 2, config) == []
+  config.final_eval_batches = 3
+  assert compare.steps_to_measure([8], history, 8, config) == [8]

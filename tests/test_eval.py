@@ -174,6 +174,25 @@ def test_packed_loglikelihood_matches_one_forward_per_request(restored):
   assert flags[6 + 3] and flags[6 + 4] and not all(flags)  # the greedy continuations, and some not
 
 
+def test_packed_loglikelihood_on_a_sharded_mesh(workdir, restored):
+  # 4 data x 2 tensor devices: each data shard gathers its own rows' scored positions.
+  rng = np.random.default_rng(1)
+  eos = restored.tokenizer.eos_id
+  pairs = []
+  for _ in range(10):
+    context = [eos] + rng.integers(4, 512, int(rng.integers(1, 30))).tolist()
+    pairs += [(context, rng.integers(4, 512, int(rng.integers(1, 8))).tolist()) for _ in range(3)]
+  one = lm_lib.LanguageModel(restored, batch_size=4, progress=False).loglikelihood_tokens(pairs)
+  mesh = restore_lib.restore(workdir, mesh_shape=(4, 1, 2))
+  sharded = lm_lib.LanguageModel(mesh, batch_size=4, progress=False)
+  assert sharded._row_groups == 4  # pylint: disable=protected-access
+  many = sharded.loglikelihood_tokens(pairs)
+  # Float32 differences only: the bound of the test above with n <= 7 tokens and per-token
+  # log-probabilities of this barely trained model below 4 * ln(512) = 25.
+  np.testing.assert_allclose([x for x, _ in many], [x for x, _ in one], rtol=0, atol=8 * 7 * 2.0 ** -24 * 25)
+  assert [g for _, g in many] == [g for _, g in one]
+
+
 def test_rolling_loglikelihood_and_the_harness_adapter(restored, lm):
   adapter = harness.HarnessLM(lm=lm)
   request = lambda *args: types.SimpleNamespace(args=args)
@@ -216,10 +235,18 @@ def test_eval_py_writes_results_and_rejects_bad_input(workdir, tmp_path):
   output = tmp_path / "result.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   cmd = [sys.executable, "eval.py", "--workdir", workdir, "--tasks", "ppl,boolq", "--ppl_batches", "1",
-         "--batch_size", "8", "--task_data_dir", str(tmp_path / "tasks"), "--output", str(output)]
+         "--batch_size", "8", "--task_data_dir", str(tmp_path / "tasks"), "--output", str(output),
+         "--compilation_cache_dir", str(tmp_path / "cache")]
   done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False, env=env)
   assert done.returncode == 0, done.stderr[-2000:]
   result = json.loads(output.read_text())
+  # The persistent compilation cache holds the scoring program; a second run loads it and scores the same.
+  assert any(p.name.startswith("jit__score_packed-") for p in (tmp_path / "cache").iterdir())
+  again = subprocess.run(cmd[:-4] + ["--output", str(tmp_path / "again.json")] + cmd[-2:], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, check=False, env=env)
+  assert again.returncode == 0, again.stderr[-2000:]
+  second = json.loads((tmp_path / "again.json").read_text())["tasks"]
+  assert {n: t["metrics"] for n, t in second.items()} == {n: t["metrics"] for n, t in result["tasks"].items()}
   assert result["step"] == 10 and result["tasks"]["boolq"]["num_examples"] == 2
   assert result["tasks"]["ppl"]["num_examples"] == 8 * 32
   assert "| boolq | acc |" in done.stdout

@@ -192,11 +192,39 @@ def test_acc_and_acc_norm_on_a_tiny_task(tmp_path):
   (tmp_path / "piqa").mkdir()
   (tmp_path / "piqa" / "validation.jsonl").write_text("\n".join(map(__import__("json").dumps, rows)))
   opts = runner.EvalOptions(workdir="", tasks="piqa", task_data_dir=str(tmp_path))
-  entry = runner.score_task(_LengthLM(), tasks_lib.TASKS["piqa"], opts)
+  entry = runner.score_tasks(_LengthLM(), ["piqa"], opts)["piqa"]
   assert entry["num_examples"] == 3
   assert entry["metrics"]["acc"]["value"] == pytest.approx(2 / 3)
   assert entry["metrics"]["acc_norm"]["value"] == pytest.approx(1 / 3)
   assert entry["metrics"]["acc"]["stderr"] == pytest.approx(math.sqrt(1 / 3) / math.sqrt(3))
+
+
+class _CountingLM(_LengthLM):
+  def __init__(self):
+    self.calls = []
+
+  def loglikelihood(self, requests, desc=""):
+    self.calls.append(len(requests))
+    return super().loglikelihood(requests, desc)
+
+
+def test_tasks_scored_together_in_one_call_keep_their_own_scores(tmp_path):
+  piqa = [{"goal": "g1", "sol1": "short", "sol2": "much longer", "label": 0},   # acc 1, acc_norm 0
+          {"goal": "g2", "sol1": "a long answer", "sol2": "tiny", "label": 1}]  # acc 1, acc_norm 0
+  arc = [{"question": "q1", "choices": {"text": ["bb", "a", "cccc"], "label": ["A", "B", "C"]},
+          "answerKey": "C"},  # acc 0 (picks "a"), acc_norm 1 (picks "cccc")
+         {"question": "q2", "choices": {"text": ["xyz", "xy"], "label": ["A", "B"]}, "answerKey": "B"}]  # 1, 0
+  for name, rows, split in (("piqa", piqa, "validation"), ("arc_easy", arc, "test")):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / f"{split}.jsonl").write_text("\n".join(map(__import__("json").dumps, rows)))
+  lm = _CountingLM()
+  entries = runner.score_tasks(lm, ["piqa", "arc_easy"], runner.EvalOptions(workdir="", task_data_dir=str(tmp_path)))
+  assert lm.calls == [4 + 5]  # every request of both tasks in one call
+  assert entries["piqa"]["metrics"]["acc"]["value"] == 1.0
+  assert entries["piqa"]["metrics"]["acc_norm"]["value"] == 0.0
+  assert entries["arc_easy"]["num_examples"] == 2
+  assert entries["arc_easy"]["metrics"]["acc"]["value"] == pytest.approx(1 / 2)
+  assert entries["arc_easy"]["metrics"]["acc_norm"]["value"] == pytest.approx(1 / 2)
 
 
 def test_bad_task_name_and_missing_task_file_give_one_clear_message(tmp_path):

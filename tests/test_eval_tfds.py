@@ -250,7 +250,7 @@ def test_hand_checked_scores_on_tfds_documents(catalog):
   # Dry hair: 9 vs 11, gold 1 -> acc 0, acc_norm 1.
   # Cut paper: 12 vs 29, gold 0 -> acc 1, acc_norm 0.
   opts = runner.EvalOptions(workdir="", tasks="piqa", task_source="tfds", tfds_data_dir=catalog)
-  entry = runner.score_task(_LengthLM(), TASKS["piqa"], opts)
+  entry = runner.score_tasks(_LengthLM(), ["piqa"], opts)["piqa"]
   assert entry["num_examples"] == 3 and entry["source"] == "tfds:piqa/1.0.0:validation"
   assert entry["metrics"]["acc"]["value"] == pytest.approx(1 / 3)
   assert entry["metrics"]["acc_norm"]["value"] == pytest.approx(2 / 3)

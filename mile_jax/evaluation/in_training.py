@@ -7,7 +7,7 @@
   global batches of the validation split, in micro-batch-sized pieces), by
   `perplexity.evaluate` and `perplexity.bucket_metrics`: eval.py's `buckets`.
 * Every `train.eval_tasks_every` steps and at the last step: the benchmarks of
-  `train.eval_tasks`, by `task_eval.score` on a `lm.LanguageModel`: eval.py's
+  `train.eval_tasks`, by `task_eval.score_all` on a `lm.LanguageModel`: eval.py's
   benchmark scoring.
 
 Both read the parameters the train step just produced, where they are (the
@@ -133,8 +133,8 @@ class InTrainingEval:
       self._lm = lm_lib.LanguageModel(self.loaded, batch_size=self.config.train.eval_tasks_batch_size,
                                       progress=False)
     out = {}
-    for prepared in self.tasks:
-      entry = self._with_params(params, data, lambda p=prepared: task_eval.score(self._lm, p))
+    entries = self._with_params(params, data, lambda: task_eval.score_all(self._lm, self.tasks))
+    for prepared, entry in zip(self.tasks, entries):
       for metric, value in entry["metrics"].items():
         out[f"{prepared.task.name}/{metric}"] = value["value"]
         out[f"{prepared.task.name}/{metric}_stderr"] = value["stderr"]

@@ -9,11 +9,12 @@ encoded together and the continuation is what follows the context's tokens.
 Sequences longer than the model's `max_seq_len` lose tokens from the left.
 
 Log-likelihood requests are scored in packed rows (`packed_requests`): the
-continuations of one context share a single copy of it, several documents
-share a row, and logits are formed only where a continuation token is
-predicted. Row widths come from a few lengths (powers of two up to
-`max_seq_len`), so a task compiles a few times. Generation runs one prompt per
-row, left-padded to one of the same lengths.
+choices of one document share a single copy of its context (and of their
+common first tokens), several documents share a row, and logits are formed
+only where a continuation token is predicted. All batches of one call have
+one shape, so each call compiles at most once (never again for a shape seen
+before). Generation runs one prompt per row, left-padded to one of a few
+lengths (`length_buckets`).
 """
 
 import functools
@@ -67,10 +68,11 @@ class LanguageModel:
     batch_size: rows per forward pass (rounded up to the data-parallel size).
     progress: show a progress bar per call.
 
-  `stats` holds the last log-likelihood call's counts: requests, batches,
-  slots (row slots computed, padding included), tokens (real input tokens),
-  logit_rows (positions unembedded, padding included) and scored (continuation
-  tokens scored).
+  `stats` holds the last log-likelihood call's shape and counts: requests,
+  batches, width (row slots), scored_width (unembedded positions per row
+  group), slots (row slots computed, padding included), tokens (real input
+  tokens), logit_rows (positions unembedded, padding included) and scored
+  (continuation tokens scored).
   """
 
   def __init__(self, loaded: ModelOnMesh, batch_size: int = 32, progress: bool = True):
@@ -91,14 +93,19 @@ class LanguageModel:
 
   # --- tokenization -------------------------------------------------------
 
-  def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context tokens with the document prefix, continuation tokens)."""
+  def encode_pair(self, context: str, continuation: str,
+                  known: dict[str, list[int]] | None = None) -> tuple[list[int], list[int]]:
+    """(context tokens with the document prefix, continuation tokens); `known`
+    keeps each context's tokens, for the choices that share it."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
       continuation = context[-spaces:] + continuation
       context = context[:-spaces]
     whole = self.tokenizer.encode(context + continuation)
-    context_ids = self.tokenizer.encode(context) if context else []
+    known = {} if known is None else known
+    if context not in known:
+      known[context] = self.tokenizer.encode(context) if context else []
+    context_ids = known[context]
     return self.prefix + context_ids, whole[len(context_ids):]
 
   # --- scoring ------------------------------------------------------------
@@ -116,7 +123,8 @@ class LanguageModel:
     owners, outputs = [], []
     with self.loaded.context():
       for rows in tqdm.tqdm(plans, desc=desc, disable=not self.progress, dynamic_ncols=True, leave=False):
-        batch = packed_requests.layout(rows, width, self._row_groups, scored)  # Built while the device runs the batch before.
+        # Laid out while the device still runs the batch before (dispatch returns at once).
+        batch = packed_requests.layout(rows, width, self._row_groups, scored)
         self.stats["tokens"] += batch.tokens
         owners.append(batch.owner)
         outputs.append(self._score(self.loaded.params, sharding.make_global_batch(batch.arrays, self.loaded.mesh)))
@@ -129,7 +137,8 @@ class LanguageModel:
 
   def loglikelihood(self, requests: Sequence[tuple[str, str]], desc: str = "loglikelihood"):
     """(log p(continuation | context), is greedy) per (context, continuation) string pair."""
-    return self.loglikelihood_tokens([self.encode_pair(c, x) for c, x in requests], desc=desc)
+    known: dict[str, list[int]] = {}
+    return self.loglikelihood_tokens([self.encode_pair(c, x, known) for c, x in requests], desc=desc)
 
   def loglikelihood_rolling(self, texts: Sequence[str], desc: str = "loglikelihood_rolling") -> list[float]:
     """Log-probability of each whole text, in windows of at most `max_seq_len` predicted

@@ -100,12 +100,12 @@ def text_metrics(restored, names: Sequence[str], opts: EvalOptions) -> dict[str,
   return out
 
 
-def score_task(lm: lm_lib.LanguageModel, task: tasks_lib.Task, opts: EvalOptions) -> dict:
-  """Runs one benchmark (all its sub-tasks) and returns its result entry."""
-  prepared = task_eval.prepare(task, num_fewshot=task_eval.fewshot_for(task, opts.num_fewshot), limit=opts.limit,
-                               task_source=opts.task_source, task_data_dir=opts.task_data_dir,
-                               tfds_data_dir=opts.tfds_data_dir)
-  return task_eval.score(lm, prepared, opts.max_gen_toks)
+def score_tasks(lm: lm_lib.LanguageModel, names: Sequence[str], opts: EvalOptions) -> dict[str, dict]:
+  """Runs the benchmarks `names` (all their sub-tasks); {name: result entry}."""
+  prepared = [task_eval.prepare(tasks_lib.TASKS[n], num_fewshot=task_eval.fewshot_for(tasks_lib.TASKS[n], opts.num_fewshot),
+                                limit=opts.limit, task_source=opts.task_source, task_data_dir=opts.task_data_dir,
+                                tfds_data_dir=opts.tfds_data_dir) for n in names]
+  return dict(zip(names, task_eval.score_all(lm, prepared, opts.max_gen_toks)))
 
 
 def evaluate(opts: EvalOptions) -> dict:
@@ -127,8 +127,7 @@ def evaluate(opts: EvalOptions) -> dict:
   benchmarks = [n for n in names if n in tasks_lib.TASKS]
   if benchmarks:
     lm = lm_lib.LanguageModel(restored, batch_size=opts.batch_size)
-    for name in benchmarks:
-      result["tasks"][name] = score_task(lm, tasks_lib.TASKS[name], opts)
+    result["tasks"].update(score_tasks(lm, benchmarks, opts))
   return result
 
 

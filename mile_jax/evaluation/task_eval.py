@@ -1,5 +1,6 @@
-"""One benchmark end to end: its documents to prompts (`prepare`), the prompts'
-scores to the result entry eval.py writes (`score`).
+"""Benchmarks end to end: their documents to prompts (`prepare`), the prompts'
+scores to the result entries eval.py writes (`score_all`: the requests of all
+tasks in one log-likelihood call; `score`: one task).
 
 eval.py runs both at once; training prepares its tasks once, before its first
 step, and scores them at each evaluation with the live parameters.
@@ -84,26 +85,46 @@ def _metric(values) -> dict[str, float]:
 
 
 def score(lm, prepared: PreparedTask, max_gen_toks: int = 256) -> dict:
-  """Runs the prepared task (all its sub-tasks) on `lm` (a `lm.LanguageModel`)
-  and returns its result entry: `version`, `num_examples`, `num_fewshot`,
-  `metrics` {name: {value, stderr}}, `source`, and `subtasks` for MMLU."""
-  task, k = prepared.task, prepared.num_fewshot
-  subtasks = {}
-  for sub_name, examples in prepared.subtasks:
-    per_doc: dict[str, list[float]] = {m: [] for m in task.metrics}
-    if task.output == "generate_until":
-      outputs = lm.generate_until([e.prompt for e in examples], task.until, max_gen_toks, desc=sub_name)
-      per_doc["exact_match"] = [scoring.exact_match(o, e.gold) for o, e in zip(outputs, examples)]
-    else:
-      flat = [r for e in examples for r in e.requests]
-      results = iter(lm.loglikelihood(flat, desc=sub_name))
-      for e in examples:
-        lls = [next(results)[0] for _ in e.requests]
-        scores = scoring.multiple_choice(lls, e.choices, e.gold)
-        for m in task.metrics:
-          per_doc[m].append(scores[m])
-    subtasks[sub_name] = {"version": task.version, "num_examples": len(examples), "num_fewshot": k,
-                          "metrics": {m: _metric(v) for m, v in per_doc.items()}}
+  """`score_all` of one task: its result entry."""
+  return score_all(lm, [prepared], max_gen_toks)[0]
+
+
+def score_all(lm, prepared: Sequence[PreparedTask], max_gen_toks: int = 256) -> list[dict]:
+  """Runs the prepared tasks (all their sub-tasks) on `lm` (a `lm.LanguageModel`)
+  and returns one result entry per task: `version`, `num_examples`,
+  `num_fewshot`, `metrics` {name: {value, stderr}}, `source`, and `subtasks` for
+  MMLU.
+
+  The log-likelihood requests of every multiple-choice task and sub-task go
+  through one `lm.loglikelihood` call: one row width, so one compile for all of
+  them, and rows packed across tasks.
+  """
+  choice = [e for p in prepared if p.task.output != "generate_until" for _, examples in p.subtasks for e in examples]
+  names = ", ".join(p.task.name for p in prepared if p.task.output != "generate_until")
+  flat = [r for e in choice for r in e.requests]
+  results = iter(lm.loglikelihood(flat, desc=names) if flat else [])
+  entries = []
+  for p in prepared:
+    task, subtasks = p.task, {}
+    for sub_name, examples in p.subtasks:
+      per_doc: dict[str, list[float]] = {m: [] for m in task.metrics}
+      if task.output == "generate_until":
+        outputs = lm.generate_until([e.prompt for e in examples], task.until, max_gen_toks, desc=sub_name)
+        per_doc["exact_match"] = [scoring.exact_match(o, e.gold) for o, e in zip(outputs, examples)]
+      else:
+        for e in examples:
+          scores = scoring.multiple_choice([next(results)[0] for _ in e.requests], e.choices, e.gold)
+          for m in task.metrics:
+            per_doc[m].append(scores[m])
+      subtasks[sub_name] = {"version": task.version, "num_examples": len(examples), "num_fewshot": p.num_fewshot,
+                            "metrics": {m: _metric(v) for m, v in per_doc.items()}}
+    entries.append(_entry(p, subtasks))
+  return entries
+
+
+def _entry(prepared: PreparedTask, subtasks: dict) -> dict:
+  """The task's result entry from its sub-tasks' (MMLU: pooled over subjects)."""
+  task = prepared.task
   if task.subtask_field is None:
     return dict(subtasks[task.name], source=prepared.source)
   sizes = [s["num_examples"] for s in subtasks.values()]
@@ -112,5 +133,5 @@ def score(lm, prepared: PreparedTask, max_gen_toks: int = 256) -> dict:
     mean, se = scoring.pooled_mean_stderr([s["metrics"][m]["value"] for s in subtasks.values()],
                                           [s["metrics"][m]["stderr"] for s in subtasks.values()], sizes)
     metrics[m] = {"value": mean, "stderr": se}
-  return {"version": task.version, "num_examples": sum(sizes), "num_fewshot": k, "metrics": metrics,
-          "subtasks": subtasks, "source": prepared.source}
+  return {"version": task.version, "num_examples": sum(sizes), "num_fewshot": prepared.num_fewshot,
+          "metrics": metrics, "subtasks": subtasks, "source": prepared.source}

@@ -5,10 +5,13 @@
 Every run trains in `DIR/runs/<label>/seed<k>` with the same initialisation
 and data order for a given seed (only the loss differs), keeping a checkpoint
 every `run.checkpoint.every_steps`. Each checkpoint is then measured on the
-validation split (per-token cross-entropy and entropy, by frequency bucket).
+validation split (per-token cross-entropy and entropy, by frequency bucket,
+on `eval_batches` batches; at the last step on `final_eval_batches`, and also
+per validation document, for the bootstrap).
 Finished runs and measured checkpoints are reused, so an interrupted
-comparison continues where it stopped. Outputs in DIR: `results.json`,
-`results.md` and `plots/*.png`.
+comparison continues where it stopped. Outputs in DIR: `results.json`
+(per-seed numbers, paired differences to cross-entropy with t and bootstrap
+intervals, curves), `results.md` and `plots/*.png`.
 """
 
 import dataclasses
@@ -88,6 +91,19 @@ def eval_curve(run_dir: str) -> list[tuple[int, float]]:
   return [(r["step"], r["ce"]) for r in records if r.get("split") == "eval"]
 
 
+def steps_to_measure(steps, history: dict, final: int, config: ml_collections.ConfigDict) -> list[int]:
+  """The checkpoints of `steps` to measure: those not in `history`, measured on another number of
+  validation batches than `eval_batches` (`final_eval_batches` for `final`), or, for `final`,
+  without per-document sums."""
+  out = []
+  for step in steps:
+    wanted = config.final_eval_batches if step == final else config.eval_batches
+    if (step not in history or history[step].get("eval_batches") != wanted
+        or (step == final and "documents" not in history[step])):
+      out.append(step)
+  return out
+
+
 def train_and_measure(config, spec: RunSpec, workdir: str, echo=print) -> dict:
   """Trains one run (unless finished) and measures each checkpoint once. Returns
   {"curve": [(step, ce)], "history": {step: summary}}."""
@@ -100,8 +116,11 @@ def train_and_measure(config, spec: RunSpec, workdir: str, echo=print) -> dict:
     echo(f"[compare] trained {spec.label} seed {spec.seed} in {time.perf_counter() - start:.0f} s")
   results_path = os.path.join(run_dir, "token_stats.json")
   history = {int(k): v for k, v in _read_json(results_path, {}).items()}
-  missing = [s for s in trainer.checkpointer.all_steps() if s not in history]
+  final = cfg.train.steps
+  wanted = lambda step: config.final_eval_batches if step == final else config.eval_batches  # noqa: E731
+  missing = steps_to_measure(trainer.checkpointer.all_steps(), history, final, config)
   if missing:
+    rows = trainer.load_data().validation.rows_per_epoch // cfg.data.global_batch_size
     counts = np.load(os.path.join(run_dir, "token_counts.npy"))
     bucket_of_id = buckets_lib.frequency_buckets(counts, config.bucket_high, config.bucket_low)
     table = None
@@ -110,11 +129,40 @@ def train_and_measure(config, spec: RunSpec, workdir: str, echo=print) -> dict:
     target = checkpoint_lib.abstract_with_shardings(trainer.abstract_state, trainer.state_shardings)
     for step in missing:
       state = trainer.checkpointer.restore(step, target)
-      tokens = token_stats.per_token(trainer, state.params, config.eval_batches)
-      history[step] = token_stats.summarize(tokens, bucket_of_id, cfg.model.vocab_size, cfg.loss, table)
+      tokens = token_stats.per_token(trainer, state.params, min(wanted(step), rows) if wanted(step) else rows)
+      history[step] = token_stats.summarize(tokens, bucket_of_id, cfg.model.vocab_size, cfg.loss, table,
+                                            documents=step == final)
+      history[step]["eval_batches"] = wanted(step)
     _write_json(results_path, {str(k): v for k, v in sorted(history.items())})
   trainer.checkpointer.close()
   return {"curve": eval_curve(run_dir), "history": history}
+
+
+def _final_without_documents(history: dict) -> dict:
+  return {k: v for k, v in history[max(history)].items() if k != "documents"}
+
+
+def analyse(config: ml_collections.ConfigDict, histories: dict) -> dict:
+  """Levels, paired differences and curves of {label: {seed: {step: summary}}} (JSON-ready)."""
+  final = {label: [runs[s][max(runs[s])] for s in sorted(runs)] for label, runs in histories.items()}
+  rows = tables.metric_rows(final)
+  excess = all("excess" in f for runs in final.values() for f in runs)
+  return {
+      "rows": rows,
+      "paired": tables.paired(histories, replicates=config.bootstrap_replicates, seed=config.bootstrap_seed),
+      "curves": {"ce": tables.curves(histories, "ce"),
+                 **({"excess": tables.curves(histories, "excess")} if excess else {}),
+                 "ce_difference": tables.curves(histories, "ce", difference=True)},
+  }
+
+
+def _markdown(config: ml_collections.ConfigDict, analysis: dict) -> str:
+  run = config.run
+  head = (f"Source: `{run.data.source}`, vocabulary {run.model.vocab_size}, {run.train.steps} steps of "
+          f"{run.data.global_batch_size} x {run.data.seq_len} tokens per run, learning rate "
+          f"{run.optim.learning_rate:g} ({run.optim.warmup_steps} warm-up steps), seeds {list(config.seeds)}.\n\n")
+  return (head + tables.paired_markdown(analysis["paired"]) + "\nLevels at the last step:\n\n"
+          + tables.levels_markdown(analysis["rows"], len(config.seeds)))
 
 
 def compare(config: ml_collections.ConfigDict, workdir: str, echo=print) -> dict:
@@ -124,27 +172,29 @@ def compare(config: ml_collections.ConfigDict, workdir: str, echo=print) -> dict
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
   measured = {spec: train_and_measure(config, spec, workdir, echo) for spec in specs}
-  labels = list(dict.fromkeys(s.label for s in specs))
-  final = {l: [m["history"][max(m["history"])] for s, m in measured.items() if s.label == l] for l in labels}
-  rows = tables.metric_rows(final)
+  histories: dict[str, dict[int, dict]] = {}
+  for spec, m in measured.items():
+    histories.setdefault(spec.label, {})[spec.seed] = m["history"]
+  analysis = analyse(config, histories)
   results = {
       "source": config.run.data.source, "steps": config.run.train.steps, "seeds": list(config.seeds),
-      "rows": {l: {k: list(v) for k, v in r.items()} for l, r in rows.items()},
-      "differences": tables.differences(rows),
-      "runs": {f"{s.label}/seed{s.seed}": {"curve": m["curve"], "final": m["history"][max(m["history"])]}
+      **analysis,
+      "runs": {f"{s.label}/seed{s.seed}": {"curve": m["curve"], "final": _final_without_documents(m["history"])}
                for s, m in measured.items()},
       "wall_seconds_this_invocation": time.perf_counter() - start,
   }
   _write_json(os.path.join(workdir, "results.json"), results)
-  table = tables.markdown(rows, len(config.seeds))
-  with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
-    f.write(f"Source: `{config.run.data.source}`, {config.run.train.steps} steps per run.\n\n{table}")
+  text = _markdown(config, analysis)
+  write_atomic(os.path.join(workdir, "results.md"), text.encode("utf-8"))
   first_seed = config.seeds[0]
-  histories = {s.label: m["history"] for s, m in measured.items()
-               if s.seed == first_seed and s.label in ("cross_entropy", _label("mile", 1.0))}
-  curves = {l: [m["curve"] for s, m in measured.items() if s.label == l] for l in labels}
-  results["plots"] = plots.all_plots(os.path.join(workdir, "plots"), curves, rows, histories, _label("mile", 1.0))
-  echo(table)
+  weight_label = _label("mile", 1.0)
+  shown = {l: histories[l][first_seed] for l in ("cross_entropy", weight_label)
+           if first_seed in histories.get(l, {})}
+  curves = analysis["curves"]
+  excess = "excess" in curves
+  results["plots"] = plots.all_plots(os.path.join(workdir, "plots"), curves["excess" if excess else "ce"],
+                                     curves["ce_difference"], analysis["paired"], shown, weight_label, excess)
+  echo(text)
   return results
 
 

@@ -23,9 +23,12 @@ def _token_losses(params, batch, model):
 
 
 def per_token(trainer: Any, params: Any, num_batches: int) -> dict[str, np.ndarray]:
-  """ce, entropy, inputs, targets and mask of the first `num_batches` validation batches.
+  """ce, entropy, inputs, targets, mask and document of the first `num_batches` validation batches.
 
   Every array is [num_batches * B * T] (flattened), float64 or int.
+  `document` numbers the validation documents in reading order: the
+  validation split is read in order, so a target whose input is EOS starts
+  the next one (a document cut by a row boundary continues in the next row).
   """
   data = trainer.load_data()
   out = {k: [] for k in ("ce", "entropy", "inputs", "targets", "mask")}
@@ -37,7 +40,18 @@ def per_token(trainer: Any, params: Any, num_batches: int) -> dict[str, np.ndarr
       out["entropy"].append(np.asarray(entropy, np.float64).ravel())
       for k in ("inputs", "targets", "mask"):
         out[k].append(np.asarray(local[k]).ravel())
-  return {k: np.concatenate(v) for k, v in out.items()}
+  out = {k: np.concatenate(v) for k, v in out.items()}
+  out["document"] = document_ids(out["inputs"], data.validation.eos_id)
+  return out
+
+
+def document_ids(inputs: np.ndarray, eos_id: int | None) -> np.ndarray:
+  """int64 [N]: the document of each target, counting the EOS inputs up to it (inclusive), so that
+  an EOS target belongs to the document it ends. Without EOS every target is in document 0."""
+  inputs = np.asarray(inputs)
+  if eos_id is None:
+    return np.zeros(inputs.shape, np.int64)
+  return np.cumsum(inputs == eos_id)
 
 
 def loss_weights(loss_config: Any, ce: np.ndarray, entropy: np.ndarray) -> np.ndarray:
@@ -48,12 +62,15 @@ def loss_weights(loss_config: Any, ce: np.ndarray, entropy: np.ndarray) -> np.nd
 
 
 def summarize(tokens: dict[str, np.ndarray], bucket_of_id: np.ndarray, vocab_size: int, loss_config: Any,
-              log_prob_table: np.ndarray | None = None) -> dict:
+              log_prob_table: np.ndarray | None = None, documents: bool = False) -> dict:
   """Overall and per-bucket statistics of `per_token` output (JSON-ready).
 
   Per bucket: tokens, mean ce, perplexity, mean entropy, an entropy histogram
   over [0, log V]; with a synthetic language's `log_prob_table`, also the
-  optimal loss and the excess ce - optimal.
+  optimal loss and the excess ce - optimal. With `documents`, also
+  `documents[bucket]`: per validation document (in order), its number of
+  the bucket's tokens and their summed ce (and optimum), the unit of the
+  paired bootstrap (stats.bootstrap_paired).
   """
   valid = tokens["mask"] > 0
   ce, entropy, targets = tokens["ce"][valid], tokens["entropy"][valid], tokens["targets"][valid]
@@ -81,4 +98,17 @@ def summarize(tokens: dict[str, np.ndarray], bucket_of_id: np.ndarray, vocab_siz
       if optimal is not None:
         stats.update(optimal=float(optimal[sel].mean()), excess=float(ce[sel].mean() - optimal[sel].mean()))
     out["buckets"][name] = stats
+  if documents:
+    doc = np.unique(tokens["document"][valid], return_inverse=True)[1]  # [N_valid]: 0..D-1
+    num_docs = int(doc.max()) + 1
+    out["documents"] = {}
+    for index, name in enumerate(buckets_lib.BUCKET_NAMES):
+      sel = bucket == index
+
+      def sums(values, sel=sel):  # rounded to 1e-6: per-token float32 losses carry ~1e-7 already
+        return [round(float(v), 6) for v in np.bincount(doc[sel], values[sel], num_docs)]
+      per_doc = {"tokens": np.bincount(doc[sel], minlength=num_docs).tolist(), "ce": sums(ce)}
+      if optimal is not None:
+        per_doc["optimal"] = sums(optimal)
+      out["documents"][name] = per_doc
   return out
