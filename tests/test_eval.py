@@ -184,7 +184,7 @@ def test_packed_loglikelihood_on_a_sharded_mesh(workdir, restored):
     pairs += [(context, rng.integers(4, 512, int(rng.integers(1, 8))).tolist()) for _ in range(3)]
   one = lm_lib.LanguageModel(restored, batch_size=4, progress=False).loglikelihood_tokens(pairs)
   mesh = restore_lib.restore(workdir, mesh_shape=(4, 1, 2))
-  sharded = lm_lib.LanguageModel(mesh, batch_size=4, progress=False)
+  sharded = lm_lib.LanguageModel(mesh, batch_size=8, progress=False)  # 2 rows per data shard
   assert sharded._row_groups == 4  # pylint: disable=protected-access
   many = sharded.loglikelihood_tokens(pairs)
   # Float32 differences only: the bound of the test above with n <= 7 tokens and per-token
