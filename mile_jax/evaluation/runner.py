@@ -102,9 +102,10 @@ def text_metrics(restored, names: Sequence[str], opts: EvalOptions) -> dict[str,
 
 def score_tasks(lm: lm_lib.LanguageModel, names: Sequence[str], opts: EvalOptions) -> dict[str, dict]:
   """Runs the benchmarks `names` (all their sub-tasks); {name: result entry}."""
-  prepared = [task_eval.prepare(tasks_lib.TASKS[n], num_fewshot=task_eval.fewshot_for(tasks_lib.TASKS[n], opts.num_fewshot),
-                                limit=opts.limit, task_source=opts.task_source, task_data_dir=opts.task_data_dir,
-                                tfds_data_dir=opts.tfds_data_dir) for n in names]
+  tasks = [tasks_lib.TASKS[n] for n in names]
+  prepared = [task_eval.prepare(t, num_fewshot=task_eval.fewshot_for(t, opts.num_fewshot), limit=opts.limit,
+                                task_source=opts.task_source, task_data_dir=opts.task_data_dir,
+                                tfds_data_dir=opts.tfds_data_dir) for t in tasks]
   return dict(zip(names, task_eval.score_all(lm, prepared, opts.max_gen_toks)))
 
 

@@ -15,64 +15,27 @@ differences d_s = metric(loss, seed s) - metric(cross-entropy, seed s):
   sampling noise is common to them, not independent per seed), and the
   replicate's statistic is the mean of the drawn seeds' ratios. The interval
   is the replicates' (1-level)/2 and (1+level)/2 percentiles.
-
-Student's t distribution for integer degrees of freedom uses the closed
-finite series of A(t | nu) = P(|T| <= t) (Abramowitz and Stegun 26.7.3/4):
-with theta = atan(t / sqrt(nu)),
-  nu odd:  A = (2/pi) * (theta + sin(theta) * sum_{k=0}^{(nu-3)/2} c_k cos^{2k+1}(theta)),
-           c_0 = 1, c_k = c_{k-1} * 2k / (2k + 1)   (no sum for nu = 1),
-  nu even: A = sin(theta) * sum_{k=0}^{(nu-2)/2} e_k cos^{2k}(theta),
-           e_0 = 1, e_k = e_{k-1} * (2k - 1) / (2k).
-Quantiles invert A by bisection on t.
 """
 
 import math
 from typing import Sequence
 
 import numpy as np
+from scipy import stats as scipy_stats
 
 
 def t_abs_cdf(t: float, df: int) -> float:
   """P(|T| <= t) for Student's t with `df` (integer >= 1) degrees of freedom."""
   if df < 1 or int(df) != df:
     raise ValueError(f"degrees of freedom must be a positive integer, got {df}")
-  t = abs(float(t))
-  if math.isinf(t):
-    return 1.0
-  theta = math.atan(t / math.sqrt(df))
-  s, c = math.sin(theta), math.cos(theta)
-  if df % 2:
-    total, term = 0.0, s * c
-    for k in range(0, (df - 1) // 2):
-      if k:
-        term *= c * c * 2 * k / (2 * k + 1)
-      total += term
-    return min(2.0 / math.pi * (theta + total), 1.0)
-  total, term = 0.0, s
-  for k in range(0, df // 2):
-    if k:
-      term *= c * c * (2 * k - 1) / (2 * k)
-    total += term
-  return min(total, 1.0)
+  return float(1.0 - 2.0 * scipy_stats.t.sf(abs(float(t)), df))  # sf keeps small tail probabilities exact
 
 
 def t_quantile(p: float, df: int) -> float:
-  """The p-quantile (0.5 <= p < 1) of Student's t with `df` degrees of freedom, to ~1e-12 relative."""
+  """The p-quantile (0.5 <= p < 1) of Student's t with `df` degrees of freedom."""
   if not 0.5 <= p < 1.0:
     raise ValueError(f"p must be in [0.5, 1), got {p}")
-  target = 2.0 * p - 1.0  # P(|T| <= q)
-  lo, hi = 0.0, 1.0
-  while t_abs_cdf(hi, df) < target:
-    hi *= 2.0
-  for _ in range(200):
-    mid = 0.5 * (lo + hi)
-    if t_abs_cdf(mid, df) < target:
-      lo = mid
-    else:
-      hi = mid
-    if hi - lo <= 1e-13 * hi:
-      break
-  return 0.5 * (lo + hi)
+  return float(scipy_stats.t.ppf(p, df))
 
 
 def paired_t(differences: Sequence[float], level: float = 0.95) -> dict:
