@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from mile_jax import sharding, train_lib  # noqa: E402
+from mile_jax import train_lib  # noqa: E402
+from mile_jax.core import sharding  # noqa: E402
 from mile_jax.data import Prefetcher  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))

@@ -37,18 +37,18 @@ import tensorstore as ts  # noqa: E402
 
 from loss_bench import peak_rss_bytes, rss_bytes  # noqa: E402
 from step_bench import MODEL_50M  # noqa: E402
-from mile_jax import checkpoint as checkpoint_lib  # noqa: E402
 from mile_jax import config_lib  # noqa: E402
-from mile_jax import model as model_lib  # noqa: E402
-from mile_jax import optim  # noqa: E402
-from mile_jax import sharding  # noqa: E402
-from mile_jax import step as step_lib  # noqa: E402
 from mile_jax import train_lib  # noqa: E402
+from mile_jax.core import model as model_lib  # noqa: E402
+from mile_jax.core import optim  # noqa: E402
+from mile_jax.core import sharding  # noqa: E402
+from mile_jax.core import step as step_lib  # noqa: E402
 from mile_jax.evaluation import generation  # noqa: E402
 from mile_jax.evaluation import lm as lm_lib  # noqa: E402
 from mile_jax.evaluation import perplexity  # noqa: E402
 from mile_jax.evaluation import restore as restore_lib  # noqa: E402
 from mile_jax.evaluation import runner  # noqa: E402
+from mile_jax.run import checkpoint as checkpoint_lib  # noqa: E402
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 

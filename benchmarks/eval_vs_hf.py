@@ -411,8 +411,8 @@ def main(argv=None):
     stages_child(args)
     return
   import jax  # pylint: disable=import-outside-toplevel
-  from mile_jax import hf  # pylint: disable=import-outside-toplevel
   from mile_jax.evaluation import restore as restore_lib  # pylint: disable=import-outside-toplevel
+  from mile_jax.hf import convert as hf  # pylint: disable=import-outside-toplevel
   skip = set(filter(None, args.skip.split(",")))
   root = args.dir or tempfile.mkdtemp(prefix="eval_vs_hf_")
   run = args.workdir or os.path.join(root, "run")

@@ -29,8 +29,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mile_jax import fused_loss  # noqa: E402
-from mile_jax import losses  # noqa: E402
+from mile_jax.core import fused_loss  # noqa: E402
+from mile_jax.core import losses  # noqa: E402
 
 
 def parse_args(argv=None):

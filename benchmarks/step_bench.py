@@ -32,11 +32,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mile_jax import config_lib  # noqa: E402
-from mile_jax import metrics as metrics_lib  # noqa: E402
-from mile_jax import model as model_lib  # noqa: E402
-from mile_jax import sharding  # noqa: E402
-from mile_jax import step as step_lib  # noqa: E402
 from mile_jax import train_lib  # noqa: E402
+from mile_jax.core import model as model_lib  # noqa: E402
+from mile_jax.core import sharding  # noqa: E402
+from mile_jax.core import step as step_lib  # noqa: E402
+from mile_jax.run import metrics as metrics_lib  # noqa: E402
 
 # A ~50M-parameter model: 10 layers of d_model 512 and a 16k vocabulary.
 MODEL_50M = dict(vocab_size=16384, d_model=512, n_layers=10, n_heads=8, n_kv_heads=8, d_ff=1536, max_seq_len=256)

@@ -6,8 +6,9 @@
 
 The optional argument after ':' picks the setting:
   tiny (default): the tiny model on the built-in corpus, 3 seeds, a quick look (2-core CPU);
-  zipf: the synthetic-language study (vocabulary 512, 400 steps, 6 seeds, 5 losses: about 1 CPU hour);
-  pydocs: the built-in-corpus study (200 steps, 8 seeds, 3 losses: about 25 CPU minutes);
+  zipf: the synthetic-language study (vocabulary 512, 400 steps, 6 seeds, 5 losses; its time is in
+    docs/comparison.md, "Cost and size of the studies");
+  pydocs: the built-in-corpus study (200 steps, 8 seeds, 3 losses);
   468m, 1b, 7b: the paper's model sizes, for accelerators.
 """
 

@@ -11,14 +11,14 @@ import numbers
 import jax
 import ml_collections
 
-from mile_jax import attention as attention_lib
-from mile_jax import hf_layout
-from mile_jax import losses
-from mile_jax import model as model_lib
+from mile_jax.core import attention as attention_lib
+from mile_jax.core import losses
+from mile_jax.core import model as model_lib
 from mile_jax.data import corpus as corpus_lib
 from mile_jax.data import mixture as mixture_lib
 from mile_jax.data import tokenizer as tokenizer_lib
 from mile_jax.errors import ConfigError  # Also reached as config_lib.ConfigError.
+from mile_jax.hf import layout as hf_layout
 
 DTYPES = ("float32", "bfloat16")
 LOSS_IMPLS = ("naive", "chunked")
@@ -69,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.name = "mile"  # mile, focal or cross_entropy.
   c.loss.gamma = 1.0  # Exponent of the weight (mile and focal); 0 gives cross-entropy.
   c.loss.sigma = 1.0  # MiLe's offset in (sigma + entropy) ** gamma.
-  c.loss.impl = "naive"  # naive: full logits then the loss; chunked: blockwise from hidden states (fused_loss.py).
+  c.loss.impl = "naive"  # naive: full logits then the loss; chunked: blockwise from hidden states (core/fused_loss.py).
   c.loss.block_size = 256  # chunked: tokens per block (the [block, vocab] logits are the largest temporary).
   c.loss.vocab_block_size = 0  # chunked: vocabulary columns per block with an online logsumexp; 0 = whole vocabulary.
 
@@ -149,7 +149,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.rules = DEFAULT_RULES  # Logical axis -> mesh axes.
   c.mesh.num_devices = 0  # Use only the first N devices of a single process; 0 = all devices.
 
-  # Multi-process runs (see mile_jax/distributed.py). Left unset, a run on a
+  # Multi-process runs (see mile_jax/run/distributed.py). Left unset, a run on a
   # TPU VM or under SLURM finds these itself, and anywhere else runs alone.
   c.distributed = ml_collections.ConfigDict()
   c.distributed.coordinator_address = ""  # host:port of process 0; "" = $JAX_COORDINATOR_ADDRESS or detect.

@@ -62,7 +62,7 @@ def main(argv):
       raise EvalError("--workdir: required (a training workdir with checkpoints)")
     if _COMPILATION_CACHE_DIR.value:
       jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_COMPILATION_CACHE_DIR.value))
-      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # eval.py's programs compile in < 1 s
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # eval.py's programs compile fast: cache them all
     opts = runner.EvalOptions(
         workdir=_WORKDIR.value, step=_STEP.value, tasks=_TASKS.value, num_fewshot=_NUM_FEWSHOT.value,
         limit=_LIMIT.value, task_data_dir=_TASK_DATA_DIR.value,

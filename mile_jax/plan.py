@@ -39,11 +39,11 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from mile_jax import attention as attention_lib
 from mile_jax import config_lib
-from mile_jax import model as model_lib
-from mile_jax import sharding
 from mile_jax import train_lib
+from mile_jax.core import attention as attention_lib
+from mile_jax.core import model as model_lib
+from mile_jax.core import sharding
 
 GIB = 1 << 30
 CPU_MEMORY_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"

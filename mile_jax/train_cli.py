@@ -27,12 +27,12 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from mile_jax import checkpoint
 from mile_jax import config_files
-from mile_jax import distributed
-from mile_jax import faults
 from mile_jax import train_lib
 from mile_jax.errors import ConfigError
+from mile_jax.run import checkpoint
+from mile_jax.run import distributed
+from mile_jax.run import faults
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A config file, or the name of a bundled config (default, mile_468m, mile_1b, mile_7b).",

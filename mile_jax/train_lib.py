@@ -1,5 +1,5 @@
 """The training loop: `Trainer` builds a run from its config and `run()` trains it
-(the step functions it jits are in `step.py`)."""
+(the step functions it jits are in `core/step.py`)."""
 
 import functools
 import json
@@ -11,21 +11,21 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from mile_jax import checkpoint as checkpoint_lib
 from mile_jax import config_lib
 from mile_jax import data as data_lib
-from mile_jax import faults
-from mile_jax import hf_layout
-from mile_jax import losses
-from mile_jax import metrics as metrics_lib
-from mile_jax import model as model_lib
-from mile_jax import optim
-from mile_jax import profiling
-from mile_jax import sharding
-from mile_jax import step as step_lib
-from mile_jax import workdir as workdir_lib
+from mile_jax.core import losses
+from mile_jax.core import model as model_lib
+from mile_jax.core import optim
+from mile_jax.core import sharding
+from mile_jax.core import step as step_lib
 from mile_jax.data import pipeline as data_pipeline
 from mile_jax.evaluation import in_training
+from mile_jax.hf import layout as hf_layout
+from mile_jax.run import checkpoint as checkpoint_lib
+from mile_jax.run import faults
+from mile_jax.run import metrics as metrics_lib
+from mile_jax.run import profiling
+from mile_jax.run import workdir as workdir_lib
 
 
 class Trainer:

@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mile_jax import attention
 from mile_jax import config_lib
-from mile_jax import sharding
-from mile_jax import step as step_lib
 from mile_jax import train_lib
+from mile_jax.core import attention
+from mile_jax.core import sharding
+from mile_jax.core import step as step_lib
 
 EPS32 = 2.0 ** -24
 

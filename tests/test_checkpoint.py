@@ -13,9 +13,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mile_jax import checkpoint as checkpoint_lib
 from mile_jax import config_lib
 from mile_jax import train_lib
+from mile_jax.run import checkpoint as checkpoint_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -115,7 +115,7 @@ def test_damaged_newest_restores_previous_and_keeps_both(tiny_config, tmp_path, 
 READ_GARBLED = """
 import gc, logging, os, sys, time
 import jax, numpy as np
-from mile_jax import checkpoint as checkpoint_lib
+from mile_jax.run import checkpoint as checkpoint_lib
 stray = []
 sys.unraisablehook = stray.append
 class Keep(logging.Handler):

@@ -153,7 +153,7 @@ def command_line_errors(tmp_path_factory, trained_run):
       "mesh": base + ["--config.mesh.shape=(3,1,1)"],
       "busy": ["--config", "configs/default.py", "--workdir", str(busy)],
       "empty workdir": resumed + [""],
-      "no get_config": ["--config", "mile_jax/losses.py", "--workdir", str(tmp / "w")],
+      "no get_config": ["--config", "mile_jax/core/losses.py", "--workdir", str(tmp / "w")],
       "config directory": ["--config", "configs", "--workdir", str(tmp / "w")],
       "config with a typo": ["--config", str(typo), "--workdir", str(tmp / "w")],
       "vocabulary too small": base + ["--config.model.vocab_size=3"],
@@ -188,7 +188,7 @@ def command_line_errors(tmp_path_factory, trained_run):
                 "that its product is 8 (one -1 is allowed)"),
     ("busy", 2, "Workdir locked: workdir {tmp}/busy is in use by process"),
     ("empty workdir", 2, "Config error: workdir: must name a directory, got ''; pass --workdir DIR"),
-    ("no get_config", 2, "Config error: --config: mile_jax/losses.py has no get_config() function; a config "
+    ("no get_config", 2, "Config error: --config: mile_jax/core/losses.py has no get_config() function; a config "
                          "file defines get_config() returning the config (see configs/default.py)"),
     ("config directory", 2, "Config error: --config: 'configs' is a directory; name a config file, e.g. "
                             "configs/default.py"),

@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mile_jax import model as model_lib
-from mile_jax import sharding, train_lib
-from mile_jax import step as step_lib
+from mile_jax import train_lib
+from mile_jax.core import model as model_lib
+from mile_jax.core import sharding
+from mile_jax.core import step as step_lib
 from mile_jax.data.packing import PackedDataset
 
 EOS = 3

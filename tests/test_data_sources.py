@@ -10,8 +10,8 @@ import pytest
 
 from mile_jax import config_lib
 from mile_jax.config_lib import ConfigError
-from mile_jax.data import corpus as corpus_lib
 from mile_jax.data import builtin, pipeline, tfds_sources
+from mile_jax.data import corpus as corpus_lib
 
 VOCAB = 512
 

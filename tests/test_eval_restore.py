@@ -13,17 +13,17 @@ import pytest
 import tensorstore as ts
 
 import conftest
-from mile_jax import checkpoint as checkpoint_lib
-from mile_jax import model as model_lib
-from mile_jax import optim
-from mile_jax import sharding
-from mile_jax import step as step_lib
 from mile_jax import train_lib
+from mile_jax.core import model as model_lib
+from mile_jax.core import optim
+from mile_jax.core import sharding
+from mile_jax.core import step as step_lib
+from mile_jax.errors import ConfigError
 from mile_jax.evaluation import perplexity
 from mile_jax.evaluation import restore as restore_lib
 from mile_jax.evaluation import runner
-from mile_jax.errors import ConfigError
 from mile_jax.evaluation.errors import EvalError
+from mile_jax.run import checkpoint as checkpoint_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
@@ -163,7 +163,7 @@ def test_eval_py_names_a_damaged_tokenizer_and_a_bad_batch_size(trained, tmp_pat
   results = {name: (proc.communicate(timeout=120)[1], proc.returncode) for name, proc in procs.items()}
   assert results["tokenizer"] == (
       f"Eval error: {copy}/tokenizer.model is not a readable SentencePiece model (it cannot be parsed); copy the "
-      "run's tokenizer back: every checkpoint's meta holds it (mile_jax.checkpoint.tokenizer_bytes)\n", 2)
+      "run's tokenizer back: every checkpoint's meta holds it (mile_jax.run.checkpoint.tokenizer_bytes)\n", 2)
   assert results["batch"] == ("Eval error: --batch_size: must be >= 1, got 0\n", 2)
 
 

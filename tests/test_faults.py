@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from mile_jax import faults
 from mile_jax import train_lib
+from mile_jax.run import faults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,7 +97,7 @@ def test_release_leaves_a_lock_that_another_run_took_over(tmp_path, live_pid):
 TAKE_LOCK = """
 import os, sys, time
 sys.path.insert(0, os.getcwd())
-from mile_jax import faults
+from mile_jax.run import faults
 judge = faults.WorkdirLock.stale_reason
 def slow_judge(self, info, mtime):
   reason = judge(self, info, mtime)

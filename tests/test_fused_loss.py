@@ -15,12 +15,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import count_in_loops
 from mile_jax import config_lib
-from mile_jax import fused_loss
-from mile_jax import losses
-from mile_jax import model as model_lib
-from mile_jax import sharding
-from mile_jax import step as step_lib
 from mile_jax import train_lib
+from mile_jax.core import fused_loss
+from mile_jax.core import losses
+from mile_jax.core import model as model_lib
+from mile_jax.core import sharding
+from mile_jax.core import step as step_lib
 
 NAMES = ["cross_entropy", "focal", "mile"]
 EPS32 = 2.0 ** -24  # float32 unit roundoff.

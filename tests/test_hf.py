@@ -27,19 +27,19 @@ else:
 
 import flax.linen as nn  # noqa: E402
 
-from mile_jax import checkpoint as checkpoint_lib  # noqa: E402
 from mile_jax import config_lib  # noqa: E402
 from mile_jax import data as data_lib  # noqa: E402
-from mile_jax import hf  # noqa: E402
-from mile_jax import hf_layout  # noqa: E402
-from mile_jax import model as model_lib  # noqa: E402
-from mile_jax import optim  # noqa: E402
-from mile_jax import step as step_lib  # noqa: E402
 from mile_jax import train_lib  # noqa: E402
+from mile_jax.core import model as model_lib  # noqa: E402
+from mile_jax.core import optim  # noqa: E402
+from mile_jax.core import step as step_lib  # noqa: E402
 from mile_jax.data import corpus as corpus_lib  # noqa: E402
 from mile_jax.data import pipeline as data_pipeline  # noqa: E402
 from mile_jax.evaluation import generation  # noqa: E402
 from mile_jax.evaluation import restore as restore_lib  # noqa: E402
+from mile_jax.hf import convert as hf  # noqa: E402
+from mile_jax.hf import layout as hf_layout  # noqa: E402
+from mile_jax.run import checkpoint as checkpoint_lib  # noqa: E402
 from conftest import make_tiny_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,5 +1,6 @@
 """Dependencies inside mile_jax point one way: no module imports, directly or
-through others, a module that imports it (read from the source, nothing is imported)."""
+through others, a module that imports it, and no layer imports one above it
+(read from the source, nothing is imported)."""
 
 import ast
 import os
@@ -97,3 +98,68 @@ def test_the_error_type_is_at_the_bottom():
                  "mile_jax.data.text_files", "mile_jax.data.tfds_sources", "mile_jax.data.tokenizer",
                  "mile_jax.config_lib"):
     assert "mile_jax.errors" in graph[module], module
+
+
+# The layers of mile_jax, lowest first. A module may import modules of lower tiers and of its own
+# group; two groups of one tier are independent of each other. A name stands for a module and,
+# if it is a package, everything in it (the longest name that matches decides).
+LAYERS = [
+    {"the error type": ["mile_jax.errors"]},
+    {"the method and the step": ["mile_jax.core"],
+     "data": ["mile_jax.data"],
+     "Hugging Face formats": ["mile_jax.hf.layout", "mile_jax.hf.safetensors_io", "mile_jax.hf.tokenizer"]},
+    {"the config": ["mile_jax.config_lib"]},
+    {"what keeps a run alive": ["mile_jax.run"]},
+    {"evaluation": ["mile_jax.evaluation"]},
+    {"the training loop": ["mile_jax.train_lib"]},
+    {"command-line programs": ["mile_jax.train_cli", "mile_jax.eval_cli", "mile_jax.plan", "mile_jax.config_files",
+                               "mile_jax.hf.convert", "mile_jax.hf.__main__"],
+     "experiments": ["mile_jax.experiments"]},
+]
+# Packages whose __init__ imports nothing of mile_jax: importing one of their modules runs them,
+# so they belong to no layer.
+NAMESPACES = {"mile_jax", "mile_jax.core", "mile_jax.run", "mile_jax.hf"}
+
+
+def layer_of(module: str, layers=LAYERS) -> tuple[int, str] | None:
+  """(tier, group) of a module by the longest matching name in `layers`, or None."""
+  best = None
+  for tier, groups in enumerate(layers):
+    for group, names in groups.items():
+      for name in names:
+        if (module == name or module.startswith(name + ".")) and (best is None or len(name) > best[0]):
+          best = (len(name), tier, group)
+  return best and best[1:]
+
+
+def upward_imports(graph: dict[str, set[str]], layers=LAYERS) -> list[str]:
+  """'a (group) imports b (group)' for every import that is not of a lower tier or the same group."""
+  out = []
+  for module, imported in sorted(graph.items()):
+    if module in NAMESPACES:
+      continue
+    tier, group = layer_of(module, layers)
+    for other in sorted(imported - NAMESPACES):
+      other_tier, other_group = layer_of(other, layers)
+      if other_tier > tier or (other_tier == tier and other_group != group):
+        out.append(f"{module} ({group}) imports {other} ({other_group})")
+  return out
+
+
+def test_every_module_has_a_layer_and_namespaces_import_nothing():
+  graph = import_graph()
+  assert [m for m in graph if m not in NAMESPACES and layer_of(m) is None] == []
+  assert {m: graph[m] for m in NAMESPACES} == {m: set() for m in NAMESPACES}
+
+
+def test_the_layer_checker_sees_an_upward_import():
+  graph = import_graph()
+  graph["mile_jax.core.losses"] = graph["mile_jax.core.losses"] | {"mile_jax.run.checkpoint"}
+  graph["mile_jax.data.packing"] = graph["mile_jax.data.packing"] | {"mile_jax.core.model"}
+  assert upward_imports(graph) == [
+      "mile_jax.core.losses (the method and the step) imports mile_jax.run.checkpoint (what keeps a run alive)",
+      "mile_jax.data.packing (data) imports mile_jax.core.model (the method and the step)"]
+
+
+def test_no_layer_imports_a_higher_one():
+  assert upward_imports(import_graph()) == []

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mile_jax import losses
+from mile_jax.core import losses
 
 
 def ref_ce_entropy(logits, targets):

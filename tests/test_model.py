@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mile_jax import config_lib
-from mile_jax import model as model_lib
+from mile_jax.core import model as model_lib
 
 TINY = model_lib.DecoderConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
                                max_seq_len=64, init_std=0.2)

@@ -10,11 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from mile_jax import checkpoint as checkpoint_lib
 from mile_jax import config_lib
-from mile_jax import distributed
-from mile_jax import step as step_lib
 from mile_jax import train_lib
+from mile_jax.core import step as step_lib
+from mile_jax.run import checkpoint as checkpoint_lib
+from mile_jax.run import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLURM_2_TASKS = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "node[01-02]", "SLURM_NTASKS": "2",

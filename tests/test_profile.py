@@ -13,9 +13,9 @@ import pytest
 
 from conftest import make_tiny_config
 from mile_jax import config_lib
-from mile_jax import profiling
 from mile_jax import train_lib
 from mile_jax.errors import ConfigError
+from mile_jax.run import profiling
 
 
 def test_trace_of_the_chosen_steps_names_the_train_step(tmp_path):

@@ -10,9 +10,9 @@ import pytest
 
 from conftest import count_in_loops
 from mile_jax import plan
-from mile_jax import sharding
-from mile_jax import step as step_lib
 from mile_jax import train_lib
+from mile_jax.core import sharding
+from mile_jax.core import step as step_lib
 
 
 def synthetic_batch(seed, batch, seq_len, vocab):

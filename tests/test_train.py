@@ -15,9 +15,9 @@ import optax
 import pytest
 
 from conftest import make_tiny_config
-from mile_jax import model as model_lib
-from mile_jax import step as step_lib
 from mile_jax import train_lib
+from mile_jax.core import model as model_lib
+from mile_jax.core import step as step_lib
 
 EPS32 = 2.0 ** -24
 

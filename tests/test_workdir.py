@@ -10,12 +10,12 @@ import pytest
 from fsspec.implementations.local import LocalFileSystem
 
 from mile_jax import config_lib
-from mile_jax import faults
 from mile_jax import train_lib
-from mile_jax import workdir as workdir_lib
 from mile_jax.data import tokenizer as tokenizer_lib
 from mile_jax.evaluation import restore
 from mile_jax.evaluation.errors import EvalError
+from mile_jax.run import faults
+from mile_jax.run import workdir as workdir_lib
 
 
 class _BucketsInADirectory(LocalFileSystem):

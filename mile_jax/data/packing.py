@@ -13,8 +13,8 @@ different number of processes see exactly the same data.
 
 Shuffling rows rather than documents keeps the cost independent of the corpus
 size: a document permutation needs the prefix sums of the lengths in permuted
-order, O(documents) memory and time per epoch (measured in BENCHMARKS.md:
-about 24 s and 6 GiB at 1e8 documents), while a row permutation needs nothing
+order, O(documents) memory and time per epoch (BENCHMARKS.md, "Data order
+at scale"), while a row permutation needs nothing
 beyond the static document offsets. What it gives up: a document shares its
 rows with the same storage neighbours in every epoch.
 

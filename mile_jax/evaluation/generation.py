@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mile_jax import model as model_lib
-from mile_jax import sharding
+from mile_jax.core import model as model_lib
+from mile_jax.core import sharding
 
 
 def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0):

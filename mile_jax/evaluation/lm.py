@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import tqdm
 
-from mile_jax import losses
-from mile_jax import model as model_lib
-from mile_jax import sharding
+from mile_jax.core import losses
+from mile_jax.core import model as model_lib
+from mile_jax.core import sharding
 from mile_jax.evaluation import generation
 from mile_jax.evaluation import packed_requests
 from mile_jax.evaluation import scoring

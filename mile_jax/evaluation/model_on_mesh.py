@@ -11,8 +11,8 @@ from typing import Any
 import jax
 import ml_collections
 
-from mile_jax import model as model_lib
-from mile_jax import sharding
+from mile_jax.core import model as model_lib
+from mile_jax.core import sharding
 from mile_jax.data import tokenizer as tokenizer_lib
 
 

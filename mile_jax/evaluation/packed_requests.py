@@ -95,9 +95,9 @@ class Cost:
   pair: float
   logit: float
 
-  # XLA's attention forms and masks the (B, N, W, W) scores in memory: on a
-  # 2-core x86 CPU its FLOPs cost 2.1x (50M model) to 2.4x (default config)
-  # those of the projections, measured as the time per slot across widths.
+  # XLA's attention forms and masks the (B, N, W, W) scores in memory, so a
+  # FLOP of it costs more time than one of the projections; the weight is
+  # measured by benchmarks/attention_cost_bench.py (BENCHMARKS.md, "Evaluation").
   ATTENTION_WEIGHT = 2.0
 
   @classmethod

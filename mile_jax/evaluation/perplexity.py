@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from mile_jax import losses
-from mile_jax import sharding
+from mile_jax.core import losses
+from mile_jax.core import sharding
 from mile_jax.evaluation import buckets as buckets_lib
 from mile_jax.evaluation.errors import EvalError
 from mile_jax.evaluation.model_on_mesh import ModelOnMesh

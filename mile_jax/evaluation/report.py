@@ -15,8 +15,8 @@ import math
 import os
 from typing import Any, Sequence
 
-from mile_jax import workdir as workdir_lib
 from mile_jax.evaluation.errors import EvalError
+from mile_jax.run import workdir as workdir_lib
 
 
 def default_path(result: dict) -> str:

@@ -18,16 +18,16 @@ import jax
 import ml_collections
 import numpy as np
 
-from mile_jax import checkpoint as checkpoint_lib
-from mile_jax import model as model_lib
-from mile_jax import optim
-from mile_jax import sharding
-from mile_jax import step as step_lib
-from mile_jax import workdir as workdir_lib
+from mile_jax.core import model as model_lib
+from mile_jax.core import optim
+from mile_jax.core import sharding
+from mile_jax.core import step as step_lib
 from mile_jax.data import tokenizer as tokenizer_lib
 from mile_jax.errors import ConfigError
 from mile_jax.evaluation.errors import EvalError
 from mile_jax.evaluation.model_on_mesh import ModelOnMesh
+from mile_jax.run import checkpoint as checkpoint_lib
+from mile_jax.run import workdir as workdir_lib
 
 DEFAULT_MESH_SHAPE = (1, -1, 1)
 
@@ -133,7 +133,7 @@ def restore(path: str, step: int | None = None, mesh_shape: Sequence[int] = DEFA
 def load_run_tokenizer(path: str, vocab_size: int) -> tokenizer_lib.Tokenizer:
   """The run's `tokenizer.model` at `path`; EvalError naming the file unless it
   is a SentencePiece model of the run's `vocab_size` pieces."""
-  fix = ("copy the run's tokenizer back: every checkpoint's meta holds it (mile_jax.checkpoint.tokenizer_bytes)")
+  fix = ("copy the run's tokenizer back: every checkpoint's meta holds it (mile_jax.run.checkpoint.tokenizer_bytes)")
   try:
     tokenizer = tokenizer_lib.load_tokenizer(path)
   except (RuntimeError, OSError) as e:  # SentencePiece raises RuntimeError for bytes it cannot parse.

@@ -9,7 +9,6 @@ import jax
 import ml_collections
 
 from mile_jax import data as data_lib
-from mile_jax import workdir as workdir_lib
 from mile_jax.errors import ConfigError
 from mile_jax.evaluation import buckets as buckets_lib
 from mile_jax.evaluation import lm as lm_lib
@@ -19,6 +18,7 @@ from mile_jax.evaluation import restore as restore_lib
 from mile_jax.evaluation import task_eval
 from mile_jax.evaluation import tasks as tasks_lib
 from mile_jax.evaluation.errors import EvalError
+from mile_jax.run import workdir as workdir_lib
 
 
 @dataclasses.dataclass

@@ -23,7 +23,6 @@ import time
 import ml_collections
 import numpy as np
 
-from mile_jax import checkpoint as checkpoint_lib
 from mile_jax import config_lib
 from mile_jax import train_lib
 from mile_jax.data import synthetic
@@ -32,6 +31,7 @@ from mile_jax.evaluation import buckets as buckets_lib
 from mile_jax.experiments import plots
 from mile_jax.experiments import tables
 from mile_jax.experiments import token_stats
+from mile_jax.run import checkpoint as checkpoint_lib
 
 
 @dataclasses.dataclass(frozen=True)

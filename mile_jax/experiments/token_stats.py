@@ -6,8 +6,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from mile_jax import losses
-from mile_jax import sharding
+from mile_jax.core import losses
+from mile_jax.core import sharding
 from mile_jax.data import synthetic
 from mile_jax.evaluation import buckets as buckets_lib
 

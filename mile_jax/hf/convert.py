@@ -35,16 +35,16 @@ import ml_dtypes
 import numpy as np
 from ml_collections import config_flags
 
-from mile_jax import checkpoint as checkpoint_lib
 from mile_jax import config_lib
-from mile_jax import hf_layout
-from mile_jax import safetensors_io
 from mile_jax import train_lib
-from mile_jax import workdir as workdir_lib
 from mile_jax.data import tokenizer as tokenizer_lib
 from mile_jax.evaluation import restore as restore_lib
 from mile_jax.evaluation.errors import EvalError
-from mile_jax.hf_layout import HFError
+from mile_jax.hf import layout as hf_layout
+from mile_jax.hf import safetensors_io
+from mile_jax.hf.layout import HFError
+from mile_jax.run import checkpoint as checkpoint_lib
+from mile_jax.run import workdir as workdir_lib
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 INSTALL_HINT = ("install the optional dependencies: pip install torch==2.13.0 (its CPU build) first, then "
@@ -67,7 +67,7 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "float3
     HFError, EvalError: naming the flag, file or directory to fix.
   """
   _require("tokenizers", "export")
-  from mile_jax import hf_tokenizer  # pylint: disable=import-outside-toplevel
+  from mile_jax.hf import tokenizer as hf_tokenizer  # pylint: disable=import-outside-toplevel
   if dtype not in DTYPES:
     raise HFError(f"--dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
   out = os.path.abspath(out)

@@ -29,7 +29,7 @@ packed documents; all of the row when `segment_ids` is None). Implementations
   cotangent, so they add nothing to any gradient. Under a mesh the kernel
   runs in `jax.shard_map`, batch over the axes of `activation_batch` and
   heads over those of `activation_heads` (the logical rules of
-  `mile_jax.sharding`), each device on its own heads and rows; an axis that
+  `mile_jax.core.sharding`), each device on its own heads and rows; an axis that
   does not divide the batch, or the query and key/value heads, is left
   replicated. On any backend but TPU it runs in Pallas interpret mode: the
   same kernel code as plain XLA operations, slow, for tests and planning.

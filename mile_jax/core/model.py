@@ -3,7 +3,7 @@
 RMSNorm, rotary position embeddings, SwiGLU feed-forward, causal attention
 with optional grouped-query heads, no biases, untied input and output
 embeddings. Every parameter carries logical axis names; activations are
-constrained by logical names too, and `mile_jax.sharding` maps both to mesh
+constrained by logical names too, and `mile_jax.core.sharding` maps both to mesh
 axes. Parameters are float32; the compute dtype is configurable.
 """
 
@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mile_jax import attention as attention_lib
+from mile_jax.core import attention as attention_lib
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
@@ -113,7 +113,7 @@ def _projection(cfg: DecoderConfig, shape, names, equation: str, name: str) -> E
 
 class Attention(nn.Module):
   """Causal multi-head attention with grouped-query key/value heads, by the
-  kernel `cfg.attention` names (see `mile_jax.attention`).
+  kernel `cfg.attention` names (see `mile_jax.core.attention`).
 
   With `decode=True` keys and values are kept in a "cache" collection of
   (B, S, K, H) slots: the first call (at `init`) sizes the cache from its
@@ -221,8 +221,8 @@ def unembedding(cfg: DecoderConfig) -> Einsum:
 
   Compute-dtype inputs, float32 accumulation and output: the chunked loss
   (fused_loss.py) forms its block logits the same way, so the two loss paths
-  are one function; rounding the logits to bfloat16 would move the loss by up
-  to ~2e-2 nats per token at LLaMA's 32000-token vocabulary.
+  are one function; rounding the logits to bfloat16 would move the loss by
+  bfloat16's rounding of the logits (2^-9 of their size), summed over the vocabulary.
   """
   return Einsum((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), "BTD,DV->BTV", cfg.init_std,
                 cfg.compute_dtype, preferred_element_type=jnp.float32, name="lm_head")

@@ -36,7 +36,7 @@ import os
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
-from mile_jax.hf_layout import HFError
+from mile_jax.hf.layout import HFError
 
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 _UNIGRAM, _BPE = 1, 2

@@ -35,9 +35,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from mile_jax import checkpoint_errors
 from mile_jax import config_lib
-from mile_jax import workdir as workdir_lib
+from mile_jax.run import checkpoint_errors
+from mile_jax.run import workdir as workdir_lib
 
 UNREADABLE_SUFFIX = ".unreadable"
 # What restore_latest's processes report of one step.

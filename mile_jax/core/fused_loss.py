@@ -53,7 +53,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mile_jax import losses
+from mile_jax.core import losses
 
 
 def _num_blocks(size: int, block: int) -> int:

@@ -37,8 +37,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from mile_jax import safetensors_io
 from mile_jax.errors import ConfigError
+from mile_jax.hf import safetensors_io
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"

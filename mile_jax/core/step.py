@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mile_jax import fused_loss
-from mile_jax import losses
-from mile_jax import sharding
+from mile_jax.core import fused_loss
+from mile_jax.core import losses
+from mile_jax.core import sharding
 
 
 @flax.struct.dataclass

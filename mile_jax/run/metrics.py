@@ -8,7 +8,7 @@ from typing import Mapping
 
 import jax
 
-from mile_jax import attention
+from mile_jax.core import attention
 
 # bfloat16 dense peak FLOP/s per device by `device_kind`, for MFU.
 PEAK_FLOPS = {

@@ -31,7 +31,7 @@ import uuid
 import jax
 from jax.experimental import multihost_utils
 
-from mile_jax import workdir as workdir_lib
+from mile_jax.run import workdir as workdir_lib
 
 LOCK_NAME = "lock"
 GUARD_NAME = "lock.guard"  # Never deleted: the flock that serialises taking and releasing the lock.
