@@ -27,6 +27,10 @@ the previous version's, the greedy flags equal. The load average is printed
 before and after: measure on an idle machine. Needs requirements-eval.txt.
 Nothing is downloaded.
 
+One file on purpose: the four measurements share the trained run, the
+documents and the alternation of sides, and a reader checks the comparison's
+fairness in one place.
+
     python benchmarks/eval_vs_hf.py                 # trains the default config for 60 steps
     python benchmarks/eval_vs_hf.py --model 50m     # step_bench.py's 50M model (16384-token vocabulary), 10 steps
     python benchmarks/eval_vs_hf.py --workdir /tmp/mile_run --docs 300 --reps 3

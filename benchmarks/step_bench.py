@@ -11,6 +11,7 @@ here with a large `jnp.dot`, and against the device's bf16 peak where
 
     python benchmarks/step_bench.py --model=default
     python benchmarks/step_bench.py --model=50m --remat none full --dtype float32 bfloat16
+    python benchmarks/step_bench.py --model=50m --losses mile --impl chunked --layers unrolled scanned
     python benchmarks/step_bench.py --loop        # host overhead: log every step vs every 50
     python benchmarks/step_bench.py --model=468m --dtype=bfloat16 --remat=full --batch=16 --reps=5   # a GPU
     python benchmarks/step_bench.py --model=468m --dtype=bfloat16 --losses=mile --impl=chunked \
@@ -51,6 +52,8 @@ def parse_args(argv=None):
   p.add_argument("--dtype", nargs="+", default=None, help="compute dtypes (default: the config's)")
   p.add_argument("--attention", nargs="+", default=None,
                  help="attention kernels: auto xla splash cudnn (default: the config's)")
+  p.add_argument("--layers", nargs="+", default=None, choices=["unrolled", "scanned"],
+                 help="layer layouts, model.scan_layers (default: the config's)")
   p.add_argument("--batch", type=int, default=0, help="global batch (default: the config's, 8 for 50m)")
   p.add_argument("--seq", type=int, default=0, help="sequence length (default: the config's)")
   p.add_argument("--block_size", type=int, default=0, help="loss.block_size for chunked (default: config)")
@@ -134,6 +137,7 @@ def step_table(args):
   remats = args.remat or [base.model.remat]
   dtypes = args.dtype or [base.model.dtype]
   attentions = args.attention or [base.model.attention]
+  layouts = args.layers or ["scanned" if model_lib.DecoderConfig.from_config(base.model).scan_layers else "unrolled"]
   mcfg = model_lib.DecoderConfig.from_config(base.model)
   params = model_lib.count_params(model_lib.abstract_params(mcfg))
   tokens = base.data.global_batch_size * base.data.seq_len
@@ -141,10 +145,12 @@ def step_table(args):
         f"{tokens} tokens/step")
   device_peak = metrics_lib.peak_flops_per_device() * jax.device_count()
   variants = {}
-  for loss, impl, remat, dtype, attention in itertools.product(args.losses, args.impl, remats, dtypes, attentions):
+  for loss, impl, remat, dtype, attention, layout in itertools.product(args.losses, args.impl, remats, dtypes,
+                                                                       attentions, layouts):
     c = base.copy_and_resolve_references()
     c.loss.name, c.loss.impl, c.model.remat, c.model.dtype, c.model.attention = loss, impl, remat, dtype, attention
-    variants[(loss, impl, remat, dtype, attention)] = build(c)
+    c.model.scan_layers = layout == "scanned"
+    variants[(loss, impl, remat, dtype, attention, layout)] = build(c)
   flops_token = model_lib.flops_per_token(model_lib.DecoderConfig.from_config(base.model), base.data.seq_len)
   times = {k: [] for k in variants}
   matmul = {d: [] for d in dtypes}
@@ -158,26 +164,28 @@ def step_table(args):
   for d, f in peaks.items():
     print(f"measured {d} matmul (4096^3 jnp.dot, median): {f / 1e9:.1f} GFLOP/s")
   rows = []
-  for (loss, impl, remat, dtype, attention), ts in times.items():
+  for (loss, impl, remat, dtype, attention, layout), ts in times.items():
     t = float(np.median(ts))
-    ce = _median(times, ("cross_entropy", impl, remat, dtype, attention))
-    ce_naive = _median(times, ("cross_entropy", "naive", remat, dtype, attention))
+    ce = _median(times, ("cross_entropy", impl, remat, dtype, attention, layout))
+    ce_naive = _median(times, ("cross_entropy", "naive", remat, dtype, attention, layout))
     flops = flops_token * tokens / t
-    rows.append({"loss": loss, "impl": impl, "remat": remat, "dtype": dtype, "attention": attention, "step_s": t,
+    rows.append({"loss": loss, "impl": impl, "remat": remat, "dtype": dtype, "attention": attention,
+                 "layers": layout, "step_s": t,
                  "vs_ce": None if ce is None else t / ce, "vs_ce_naive": None if ce_naive is None else t / ce_naive,
                  "tokens_per_s": tokens / t,
-                 "temp_bytes": variants[(loss, impl, remat, dtype, attention)]["temp"],
+                 "temp_bytes": variants[(loss, impl, remat, dtype, attention, layout)]["temp"],
                  "flops_per_token": flops_token, "mfu_measured": flops / peaks[dtype],
                  "mfu_device_peak": flops / device_peak if device_peak else None, "times": ts})
   print(f"model FLOPs per token: {flops_token / 1e6:.1f}M")
-  print("| loss | impl | remat | dtype | attention | step (s) | / CE same impl | / CE naive | tokens/s | temp "
-        "| MFU (measured matmul) | MFU (bf16 peak) |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+  print("| loss | impl | remat | dtype | attention | layers | step (s) | / CE same impl | / CE naive | tokens/s "
+        "| temp | MFU (measured matmul) | MFU (bf16 peak) |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     vs = "-" if r["vs_ce"] is None else f"{r['vs_ce']:.3f}"
     vs_naive = "-" if r["vs_ce_naive"] is None else f"{r['vs_ce_naive']:.3f}"
     peak = "-" if r["mfu_device_peak"] is None else f"{100 * r['mfu_device_peak']:.1f}%"
-    print(f"| {r['loss']} | {r['impl']} | {r['remat']} | {r['dtype']} | {r['attention']} | {r['step_s']:.3f} | {vs} "
+    print(f"| {r['loss']} | {r['impl']} | {r['remat']} | {r['dtype']} | {r['attention']} | {r['layers']} "
+          f"| {r['step_s']:.3f} | {vs} "
           f"| {vs_naive} | {r['tokens_per_s']:,.0f} | {r['temp_bytes'] / 2**20:,.0f} MiB "
           f"| {100 * r['mfu_measured']:.1f}% | {peak} |")
   return rows

@@ -41,7 +41,12 @@ def get_config(scale: str = "tiny"):
     seeds = tuple(range(6))  # 4 seeds left MiLe gamma 1's low-bucket t interval at 0.022 nats wide
   elif scale == "pydocs":
     seeds = tuple(range(8))  # the runs leave the unigram plateau at different steps: a wider seed spread
-  run.checkpoint.update(every_steps=max(run.train.steps // 8, 1), max_to_keep=1000)
+  # Eight checkpoints (the measured curves' points) whatever run.train.steps is set to, also by an override
+  # (--config.run.train.steps=40): a reference to train.steps, resolved when read.
+  steps = run.train.get_ref("steps")
+  run.checkpoint.update(every_steps=(steps + 7) // 8, max_to_keep=1000)
+  if scale in ("tiny", "zipf", "pydocs"):
+    run.train.eval_every = (steps + 3) // 4  # Four [eval] points per run.
   c.run = run  # The training config shared by every run; only seed and loss change.
   c.losses = ("cross_entropy", "focal:1.0", "mile:1.0")  # name[:gamma] per baseline.
   c.mile_gammas = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)  # MiLe's gamma sweep (sigma = run.loss.sigma).

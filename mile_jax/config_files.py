@@ -7,6 +7,13 @@ from any directory; a path to a file still works and wins when it exists.
 
 import importlib.util
 import os
+import re
+import traceback
+import types
+
+from absl import flags as absl_flags
+
+from mile_jax.errors import ConfigError
 
 # configs/compare.py configures `python -m mile_jax.experiments.compare`, not one training run.
 _NOT_TRAINING_CONFIGS = ("__init__", "compare")
@@ -52,3 +59,87 @@ def resolve_argv(argv: list[str]) -> list[str]:
       name, value = arg.split("=", 1)
       argv[i] = f"{name}={resolve(value)}"
   return argv
+
+
+def config_path(argv) -> str | None:
+  """The file named by --config (without a `:argument` suffix), if given."""
+  for i, arg in enumerate(argv):
+    if arg in ("--config", "-config") and i + 1 < len(argv):
+      return argv[i + 1].split(":", 1)[0]
+    if arg.startswith(("--config=", "-config=")):
+      return arg.split("=", 1)[1].split(":", 1)[0]
+  return None
+
+
+def _raised_in(error: BaseException, path: str) -> str:
+  """`path line N` for the deepest frame of `error`'s traceback inside the config file."""
+  if isinstance(error, SyntaxError) and error.filename and os.path.abspath(error.filename) == path:
+    return f"{error.filename} line {error.lineno}"
+  lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+           if os.path.abspath(frame.filename) == path]
+  return f"{path} line {lines[-1]}" if lines else path
+
+
+def _in_file(error: BaseException, path: str) -> bool:
+  """Whether `error` was raised while running code of the file at `path`."""
+  return any(os.path.abspath(frame.filename) == os.path.abspath(path)
+             for frame in traceback.extract_tb(error.__traceback__))
+
+
+def describe_flag_error(error: BaseException, argv) -> str:
+  """One line for a failure to build the config from the command line."""
+  path = config_path(argv)
+  chain = []
+  while error is not None and error not in chain:
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  error = chain[0]
+  for e in chain:
+    if isinstance(e, ConfigError):  # Raised by the config file's get_config: its message is the line.
+      text = str(e).strip()
+      if text.startswith("Error whilst parsing config file"):  # config_flags re-raised it with the traceback.
+        text = re.sub(r"^[\w.]*ConfigError: ", "", text.splitlines()[-1])
+      return text.splitlines()[0]
+  if (isinstance(error, AttributeError) and getattr(error, "name", None) == "get_config"
+      and isinstance(getattr(error, "obj", None), types.ModuleType)):
+    return (f"--config: {path} has no get_config() function; a config file defines get_config() returning "
+            f"the config (see configs/default.py)")
+  if isinstance(error, (KeyError, AttributeError)) and not (path and _in_file(error, path)):
+    # An override of a setting the config does not have: ml_collections names only the last part.
+    while isinstance(error, (KeyError, AttributeError)) and error.args and isinstance(error.args[0], BaseException):
+      error = error.args[0]
+    text = str(error.args[0] if error.args else error)
+    missing, _, hint = text.partition("\n")
+    missing = missing.strip("\"'")
+    hint = f" ({hint.strip()})" if hint.strip() else ""
+    for arg in argv:
+      name = arg.split("=", 1)[0]
+      if name.startswith("--config.") and missing in name.split(".")[1:]:
+        return f"{name}: no such setting in {path}{hint}"
+    return f"no such setting {missing!r} in {path}{hint}"
+  if isinstance(error, absl_flags.Error):
+    text = str(error)
+    if "Error whilst parsing config file" in text:  # config_flags wraps TypeError/ValueError.
+      return f"--config: {path} raised {text.strip().splitlines()[-1]}"
+    return text.splitlines()[0]
+  where = _raised_in(error, os.path.abspath(path)) if path else "the config file"
+  first = str(error).splitlines()[0] if str(error) else ""
+  return f"--config: {where} raised {type(error).__name__}: {first}"
+
+
+def parse_config_flags(argv, flag_values=None, missing_hint: str = ""):
+  """absl's parsing of `argv` into `flag_values` (absl's FLAGS), where a missing config file or any
+  failure to build the config (a misspelt override, an error in the file) raises ConfigError, one line.
+
+  `missing_hint` ends the message for a config file that does not exist.
+  """
+  flag_values = absl_flags.FLAGS if flag_values is None else flag_values
+  path = config_path(argv)
+  if path is not None and os.path.isdir(path):
+    raise ConfigError(f"--config: {path!r} is a directory; name a config file, e.g. configs/default.py")
+  if path is not None and not os.path.isfile(path):
+    raise ConfigError(f"--config: no such file {path!r}{missing_hint}")
+  try:
+    return flag_values(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(describe_flag_error(e, argv)) from None

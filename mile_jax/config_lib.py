@@ -40,6 +40,7 @@ DEFAULT_RULES = (
     ("mlp", "tensor"),
     ("kv", None),
     ("norm", None),
+    ("layers", None),  # The stacked axis of scanned blocks (model.scan_layers): every device holds every layer.
 )
 
 
@@ -61,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.init_std = 0.01  # Std of every weight's normal initialiser (the paper's 0.01).
   c.model.dtype = "float32"  # Compute dtype: float32 or bfloat16 (no float16: no loss scaling). Params stay float32.
   c.model.remat = "none"  # Rematerialisation per block: none, full, dots, dots_no_batch.
+  # The blocks as one nn.scan over stacked parameters: the step's program and its compile time stay the
+  # same size at any depth. None: scan from model.SCAN_LAYERS_FROM layers on. Checkpoints convert on restore.
+  c.model.scan_layers = ml_collections.config_dict.placeholder(bool)
   # Attention kernel (docs/attention.md): xla, splash (Pallas TPU kernel; interpret mode off TPU),
   # cudnn (NVIDIA GPU, bfloat16), or auto: splash on TPU, cudnn on GPU where it can, else xla.
   c.model.attention = "auto"
@@ -287,6 +291,10 @@ def _check_eval_tasks_and_profile(config) -> None:
       _fail(setting, f"must be an integer >= {minimum}, got {value!r}")
   if config.train.profile_server_port > 65535:
     _fail("train.profile_server_port", f"must be a port number (0 = none), got {config.train.profile_server_port}")
+  t = config.train
+  if t.profile_steps and isinstance(t.steps, numbers.Integral) and t.profile_start_step > t.steps:
+    _fail("train.profile_start_step", f"{t.profile_start_step} is beyond train.steps={t.steps}: no step would be "
+          f"traced (train.profile_steps={t.profile_steps}); set a step up to train.steps, or profile_steps=0")
 
 
 def _check_init(config) -> None:
@@ -349,7 +357,7 @@ PAPER_MICROBATCHES = {"468m": 8, "1b": 8, "7b": 32}
 def paper_config(size: str) -> ml_collections.ConfigDict:
   """The paper's setup for one model size: AdamW lr 3e-4, wd 0.1, betas
   (0.9, 0.95), 2000 warm-up steps then cosine, 200k steps, MiLe gamma 1;
-  bfloat16 compute and the chunked loss.
+  bfloat16 compute, the chunked loss and scanned layers.
 
   The corpus and tokenizer must be set for a real run (the Pile and LLaMA's
   tokenizer in the paper): `--config.data.source=... --config.data.tokenizer_path=...`.
@@ -357,7 +365,7 @@ def paper_config(size: str) -> ml_collections.ConfigDict:
   c = base_config()
   sizes = PAPER_MODELS[size]
   c.model.update(vocab_size=32000, n_kv_heads=sizes["n_heads"], dtype="bfloat16", remat=PAPER_REMAT[size],
-                 **sizes)
+                 scan_layers=True, **sizes)
   c.data.seq_len = sizes["max_seq_len"]
   c.data.global_batch_size = 512  # Not stated in the paper; ~0.5M tokens per step at 1024.
   c.optim.update(learning_rate=3e-4, warmup_steps=2000, final_lr_ratio=0.1, weight_decay=0.1)
@@ -367,3 +375,4 @@ def paper_config(size: str) -> ml_collections.ConfigDict:
   c.train.microbatches = PAPER_MICROBATCHES[size]
   c.loss.impl = "chunked"  # Never holds the [tokens, 32000] logits; the same function as naive (tested).
   return c
+

@@ -8,11 +8,16 @@ arc_challenge, openbookqa, siqa, boolq, mmlu, triviaqa, scored as
 lm-evaluation-harness 0.4 scores them (task documents from --task_data_dir
 files or, with --task_source=tfds or auto, from the TFDS catalog).
 `mile-eval --compare DIR_A DIR_B ...` prints saved results side by side.
+`--log_samples` also writes each benchmark document's prompt, per-choice
+log-likelihoods or generation, and score as JSON Lines beside the result.
+Exit status 2, with one line naming the flag or file to fix, for bad input.
 """
 
 import os
 import sys
 
+from mile_jax import requirements_check
+requirements_check.require()  # Before the imports below: a missing package is one line, not a traceback.
 from absl import app
 from absl import flags
 from absl import logging
@@ -39,8 +44,12 @@ _PPL_SOURCE = flags.DEFINE_string("ppl_source", "", "ppl/buckets: a data.source 
 _BUCKET_HIGH = flags.DEFINE_float("bucket_high", 0.8, "buckets: share of training occurrences the high bucket covers.")
 _BUCKET_LOW = flags.DEFINE_float("bucket_low", 0.05, "buckets: share of training occurrences the low bucket covers.")
 _MAX_GEN_TOKS = flags.DEFINE_integer("max_gen_toks", 256, "Generation tasks: most new tokens per answer.")
-_MESH_SHAPE = flags.DEFINE_list("mesh_shape", ["1", "-1", "1"], "(data, fsdp, tensor) mesh over this machine's devices.")
+_MESH_SHAPE = flags.DEFINE_list("mesh_shape", ["1", "-1", "1"], "(data, fsdp, tensor) mesh over this process's devices.")
 _OUTPUT = flags.DEFINE_string("output", "", "Result JSON path; default <workdir>/eval/step<N>_<time>.json.")
+_LOG_SAMPLES = flags.DEFINE_bool("log_samples", False,
+                                 "Also write every scored benchmark document (prompt, choices or generation, "
+                                 "log-likelihoods, score) as JSON Lines beside the result: "
+                                 "<result without .json>_samples_<task>.jsonl.")
 _COMPILATION_CACHE_DIR = flags.DEFINE_string(
     "compilation_cache_dir", "~/.cache/mile_jax/jax",
     "JAX's persistent compilation cache: a later eval.py on the same model and shapes loads its programs "
@@ -69,11 +78,19 @@ def main(argv):
         task_source=_TASK_SOURCE.value, tfds_data_dir=_TFDS_DATA_DIR.value, batch_size=_BATCH_SIZE.value,
         ppl_batches=_PPL_BATCHES.value, ppl_source=_PPL_SOURCE.value, bucket_high=_BUCKET_HIGH.value,
         bucket_low=_BUCKET_LOW.value, max_gen_toks=_MAX_GEN_TOKS.value,
-        mesh_shape=tuple(int(s) for s in _MESH_SHAPE.value), output=_OUTPUT.value)
+        mesh_shape=_mesh_shape(_MESH_SHAPE.value), output=_OUTPUT.value, log_samples=_LOG_SAMPLES.value)
     runner.evaluate_and_report(opts)
   except EvalError as e:
     print(f"Eval error: {e}", file=sys.stderr)
     sys.exit(2)
+
+
+def _mesh_shape(values: list[str]) -> tuple[int, ...]:
+  try:
+    return tuple(int(s) for s in values)
+  except ValueError:
+    raise EvalError(f"--mesh_shape: expected three integers (data, fsdp, tensor) such as 1,-1,1, "
+                    f"got {','.join(values)}") from None
 
 
 def run():

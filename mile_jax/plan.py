@@ -36,9 +36,12 @@ import tempfile
 import time
 from typing import Any, Sequence
 
+from mile_jax import requirements_check
+requirements_check.require()  # Before the imports below: a missing package is one line, not a traceback.
 import jax
 import jax.numpy as jnp
 
+from mile_jax import config_files
 from mile_jax import config_lib
 from mile_jax import train_lib
 from mile_jax.core import attention as attention_lib
@@ -169,8 +172,9 @@ def format_report(plans: Sequence[Plan], config, device_memory_gib: float, usabl
   first = plans[0]
   d, f, t = first.mesh_shape
   lines = [
-      f"model: {first.num_params / 1e9:.3f}B parameters, compute {config.model.dtype}, loss {config.loss.name}"
-      f" ({config.loss.get('impl', 'naive')})",
+      f"model: {first.num_params / 1e9:.3f}B parameters, "
+      f"{'scanned' if model_lib.DecoderConfig.from_config(config.model).scan_layers else 'unrolled'} layers, "
+      f"compute {config.model.dtype}, loss {config.loss.name} ({config.loss.get('impl', 'naive')})",
       f"mesh: data {d} x fsdp {f} x tensor {t} = {first.num_devices} devices",
       f"global batch: {config.data.global_batch_size} x {config.data.seq_len} = {first.tokens_per_step:,} tokens",
       f"model FLOPs per step (6N + attention): {first.model_flops_per_step:.3e}",
@@ -201,6 +205,25 @@ def _split(text: str) -> list[str]:
   return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def _positive_int(flag: str, text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise config_lib.ConfigError(f"{flag}: must be comma-separated positive integers such as 1,4, got {text!r}")
+  return value
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, where a missing config file or a misspelt override is one line and exit 2."""
+  try:
+    return config_files.parse_config_flags(argv)
+  except config_lib.ConfigError as e:
+    print(f"Config error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   del argv
   # Flags are parsed here, so the backend is not yet initialised.
@@ -212,7 +235,7 @@ def main(argv):
   try:
     mesh_shape = parse_mesh(f.mesh)
     remats = _split(f.remat) or [f.config.model.remat]
-    micro = [int(x) for x in _split(f.microbatches)] or [f.config.train.microbatches]
+    micro = [_positive_int("--microbatches", x) for x in _split(f.microbatches)] or [f.config.train.microbatches]
     attentions = _split(f.attention) or [f.config.model.attention]
     if f.device_memory_gib <= 0:
       raise config_lib.ConfigError(f"--device_memory_gib: must be > 0, got {f.device_memory_gib}")
@@ -237,7 +260,10 @@ def main(argv):
     for config in configs:
       plans.append(plan(config, devices, log=lambda m: print(m, file=sys.stderr, flush=True)))
   except (config_lib.ConfigError, ValueError) as e:
-    print(f"Config error: {e}", file=sys.stderr)
+    message = str(e)
+    if message.startswith("mesh.shape"):  # Set from --mesh here.
+      message = "--mesh" + message[len("mesh.shape"):]
+    print(f"Config error: {message}", file=sys.stderr)
     sys.exit(2)
   print(format_report(plans, config, f.device_memory_gib, f.usable_fraction))
   if not any(p.fits(f.device_memory_gib * GIB, f.usable_fraction) for p in plans):
@@ -260,4 +286,4 @@ def _define_flags():
 if __name__ == "__main__":
   from absl import app  # pylint: disable=import-outside-toplevel
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -19,9 +19,9 @@ the workdir in use by another run), with one line on stderr.
 
 import os
 import sys
-import traceback
-import types
 
+from mile_jax import requirements_check
+requirements_check.require()  # Before the imports below: a missing package is one line, not a traceback.
 from absl import app
 from absl import flags
 from absl import logging
@@ -46,74 +46,14 @@ def _exit(prefix: str, message: str, status: int):
   sys.exit(status)
 
 
-def _config_path(argv) -> str | None:
-  """The file named by --config (without a `:argument` suffix), if given."""
-  for i, arg in enumerate(argv):
-    if arg in ("--config", "-config") and i + 1 < len(argv):
-      return argv[i + 1].split(":", 1)[0]
-    if arg.startswith(("--config=", "-config=")):
-      return arg.split("=", 1)[1].split(":", 1)[0]
-  return None
-
-
-def _raised_in(error: BaseException, path: str) -> str:
-  """`path line N` for the deepest frame of `error`'s traceback inside the config file."""
-  if isinstance(error, SyntaxError) and error.filename and os.path.abspath(error.filename) == path:
-    return f"{error.filename} line {error.lineno}"
-  lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
-           if os.path.abspath(frame.filename) == path]
-  return f"{path} line {lines[-1]}" if lines else path
-
-
-def _in_file(error: BaseException, path: str) -> bool:
-  """Whether `error` was raised while running code of the file at `path`."""
-  return any(os.path.abspath(frame.filename) == os.path.abspath(path)
-             for frame in traceback.extract_tb(error.__traceback__))
-
-
-def describe_flag_error(error: BaseException, argv) -> str:
-  """One line for a failure to build the config from the command line."""
-  path = _config_path(argv)
-  if (isinstance(error, AttributeError) and getattr(error, "name", None) == "get_config"
-      and isinstance(getattr(error, "obj", None), types.ModuleType)):
-    return (f"--config: {path} has no get_config() function; a config file defines get_config() returning "
-            f"the config (see configs/default.py)")
-  if isinstance(error, (KeyError, AttributeError)) and not (path and _in_file(error, path)):
-    # An override of a setting the config does not have: ml_collections names only the last part.
-    while isinstance(error, (KeyError, AttributeError)) and error.args and isinstance(error.args[0], BaseException):
-      error = error.args[0]
-    text = str(error.args[0] if error.args else error)
-    missing, _, hint = text.partition("\n")
-    missing = missing.strip("\"'")
-    hint = f" ({hint.strip()})" if hint.strip() else ""
-    for arg in argv:
-      name = arg.split("=", 1)[0]
-      if name.startswith("--config.") and missing in name.split(".")[1:]:
-        return f"{name}: no such setting in {path}{hint}"
-    return f"no such setting {missing!r} in {path}{hint}"
-  if isinstance(error, flags.Error):
-    text = str(error)
-    if "Error whilst parsing config file" in text:  # config_flags wraps TypeError/ValueError.
-      return f"--config: {path} raised {text.strip().splitlines()[-1]}"
-    return text.splitlines()[0]
-  where = _raised_in(error, os.path.abspath(path)) if path else "the config file"
-  first = str(error).splitlines()[0] if str(error) else ""
-  return f"--config: {where} raised {type(error).__name__}: {first}"
-
-
 def parse_flags(argv):
   """absl's flag parsing, where any failure to build the config is one line and exit 2."""
   argv = config_files.resolve_argv(argv)
-  path = _config_path(argv)
-  if path is not None and os.path.isdir(path):
-    _exit("Config error", f"--config: {path!r} is a directory; name a config file, e.g. configs/default.py", 2)
-  if path is not None and not os.path.isfile(path):
-    _exit("Config error", f"--config: no such file {path!r}, and no bundled config of that name "
-          f"({', '.join(config_files.bundled())})", 2)
   try:
-    return flags.FLAGS(argv)
-  except Exception as e:  # pylint: disable=broad-except
-    _exit("Config error", describe_flag_error(e, argv), 2)
+    return config_files.parse_config_flags(
+        argv, missing_hint=f", and no bundled config of that name ({', '.join(config_files.bundled())})")
+  except ConfigError as e:
+    _exit("Config error", str(e), 2)
 
 
 def main(argv):
@@ -126,7 +66,7 @@ def main(argv):
     dist_config = config.distributed
   except OSError as e:  # config_flags defers an OSError raised while loading the file.
     cause = e.__cause__ or e
-    _exit("Config error", f"--config: {_config_path(sys.argv)} raised {type(cause).__name__}: "
+    _exit("Config error", f"--config: {config_files.config_path(sys.argv)} raised {type(cause).__name__}: "
           f"{str(cause).splitlines()[0]}", 2)
   try:
     distributed.initialize(dist_config)  # Before any device is touched.

@@ -56,12 +56,15 @@ class Trainer:
     except ImportError as e:  # An object-store workdir without its filesystem package.
       raise config_lib.ConfigError(f"workdir: {self.workdir} needs a package: {e} "
                                    f"(gs://: pip install gcsfs; s3://: pip install s3fs)") from None
+    if jax.process_index() == 0:
+      profiling.check_port(config.train.profile_server_port)
     self.rules = sharding.rules_tuple(config.mesh.rules)
     self.model_config = model_lib.DecoderConfig.from_config(config.model)
     self.model = model_lib.Decoder(self.model_config)
     self.tx, self.schedule = optim.make_optimizer(config.optim, config.train.steps)
     self.abstract_state, self.state_shardings = step_lib.state_shardings(
         self.model, self.tx, self.mesh, self.rules, config.data.seq_len)
+    _check_divisible(self.abstract_state, self.state_shardings, self.mesh)
     batch_sharding = sharding.batch_sharding(self.mesh)
     step_fn = functools.partial(step_lib.train_step, model=self.model, tx=self.tx, schedule=self.schedule,
                                 loss_config=config.loss, microbatches=config.train.microbatches,
@@ -230,7 +233,7 @@ class Trainer:
     flops_per_step = model_lib.flops_per_token(self.model_config, cfg.data.seq_len) * tokens_per_step
     peak = metrics_lib.peak_flops_per_device(cfg.train.peak_flops_per_device) * self.mesh.size
     prefetcher = data_lib.Prefetcher(lambda s: self.local_batch(data.train, s), start, cfg.data.prefetch)
-    profiler = profiling.StepProfiler(cfg.train, logs.local_path("tensorboard"), self.echo)
+    profiler = profiling.StepProfiler(cfg.train, logs.local_path("tensorboard"), self.echo, start=start)
     total, last_time, last_step = None, time.perf_counter(), start
     unchecked = []  # (step, metrics) not yet checked for non-finite values.
     done, validation, skipped = start, None, 0
@@ -316,6 +319,25 @@ class Trainer:
             f"non-finite loss or gradients at step {step} (loss={values['loss']}, "
             f"grad_norm={values['grad_norm']}); stopped without saving it, {good}. Lower "
             f"optim.learning_rate, or set train.skip_nonfinite=True to skip such updates")
+
+
+def _check_divisible(abstract_state, shardings, mesh) -> None:
+  """Raises ConfigError naming mesh.shape when a mesh axis does not divide the array dimension it shards
+  (jit would refuse the sharding with an error that names no setting)."""
+  for (path, leaf), spec_sharding in zip(jax.tree_util.tree_leaves_with_path(abstract_state),
+                                         jax.tree.leaves(shardings)):
+    for dim, axes in enumerate(getattr(spec_sharding, "spec", ())):
+      if axes is None:
+        continue
+      axes = (axes,) if isinstance(axes, str) else tuple(axes)
+      parts = int(np.prod([mesh.shape[a] for a in axes]))
+      if leaf.shape[dim] % parts:
+        name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+        over = " x ".join(f"{a} {mesh.shape[a]}" for a in axes)
+        raise config_lib.ConfigError(
+            f"mesh.shape: {tuple(int(mesh.shape[a]) for a in mesh.axis_names)} splits dimension {dim} (size "
+            f"{leaf.shape[dim]}) of {name} over {over} = {parts} devices, which does not divide it; choose mesh "
+            f"sizes that divide the model's dimensions (model.vocab_size, d_model, n_heads, n_kv_heads, d_ff)")
 
 
 def write_run_files(workdir: str, config, data) -> None:

@@ -238,3 +238,25 @@ def test_plan_shows_splash_saves_the_score_memory(tiny_config):
   assert [p.attention for p in plans.values()] == ["xla", "splash"]
   layers, heads = 2, 4
   assert plans["xla"].temp_bytes - plans["splash"].temp_bytes >= layers * b * heads * t * t * 4
+
+
+@pytest.mark.slow
+def test_splash_shards_query_heads_when_kv_heads_do_not_divide_the_tensor_axis(monkeypatch):
+  """4 query heads on 2 kv heads over a tensor axis of 4: each device computes 1 query head
+  with (a copy of) the kv head it reads, not all 4 heads, and the result is the reference's."""
+  b, t, n, kv, h = 2, 128, 4, 2, 64
+  q, k, v, g = inputs(3, b, t, n, kv, h)
+  segments = documents(t, (50, 78), (128,))
+  seen = []
+  per_device = attention._splash_per_device  # pylint: disable=protected-access
+
+  def spy(q, k, v, *rest, **kwargs):
+    seen.append((q.shape, k.shape))
+    return per_device(q, k, v, *rest, **kwargs)
+  monkeypatch.setattr(attention, "_splash_per_device", spy)
+  mesh = sharding.make_mesh((2, 1, 4), jax.devices()[:8])
+  with sharding.mesh_context(mesh, sharding.rules_tuple(config_lib.DEFAULT_RULES)):
+    got = values_and_grads(jax.jit(lambda q, k, v, s: attention.attend(q, k, v, s, "splash")), q, k, v,
+                           segments, g)
+  assert seen == [((1, 1, 128, h), (1, 1, 128, h))]
+  assert_matches(got, reference(q, k, v, segments, g), t + h)

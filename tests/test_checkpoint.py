@@ -274,3 +274,76 @@ def test_resuming_with_another_tokenizer_is_refused(trained_workdir, tmp_path):
   with pytest.raises(config_lib.ConfigError, match=r"data.tokenizer_path: the tokenizer differs from the one "
                      r"checkpoint .*/checkpoints/4 was trained with"):
     train_lib.Trainer(other, copy).run()
+
+
+def overwrite_part(step_dir, seed=0):
+  """Writes random bytes over the middle half of the newest step's largest array file (under
+  `ocdbt.process_*/d`), as a bad disk would: its compressed blocks no longer decode."""
+  files = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(step_dir, "state"))
+           if os.path.basename(root) == "d" and "ocdbt.process_" in root for name in names]
+  path = max(files, key=os.path.getsize)
+  size = os.path.getsize(path)
+  with open(path, "r+b") as f:
+    f.seek(size // 4)
+    f.write(np.random.default_rng(seed).integers(0, 256, size // 2, dtype=np.uint8).tobytes())
+
+
+def test_corrupt_bytes_in_an_array_file_restore_the_previous_step(tiny_config, tmp_path):
+  """Random bytes over part of an array file make its decompression fail: damage, so the run resumes
+  from the step before and keeps the damaged one aside."""
+  workdir = str(tmp_path)
+  trainer = train_lib.Trainer(tiny_config(), workdir)
+  # Compressible values (small integers), as trained weights are in part: zstd stores them compressed.
+  def state_of(seed):
+    rng = np.random.default_rng(seed)
+    values = jax.tree.map(lambda a: rng.integers(0, 4, a.shape).astype(a.dtype), trainer.abstract_state)
+    return values, jax.tree.map(jax.device_put, values, trainer.state_shardings)
+  expected10, state10 = state_of(10)
+  _, state20 = state_of(20)
+  trainer.checkpointer.save(10, state10)
+  trainer.checkpointer.save(20, state20)
+  trainer.checkpointer.wait()
+  overwrite_part(os.path.join(trainer.checkpointer.directory, "20"))
+  messages = []
+  resumed = train_lib.Trainer(tiny_config(), workdir, echo=messages.append)
+  restored = resumed.initial_state()
+  assert resumed.restored_step == 10
+  assert_state_equal(restored, expected10)
+  warning = [m for m in messages if m.startswith("Checkpoint ")]
+  assert len(warning) == 1 and "ZSTD_decompressStream() failed" in warning[0], messages
+  assert sorted(os.listdir(trainer.checkpointer.directory)) == ["10", "20.unreadable"]
+
+
+def _read_error(message):
+  """An error as Orbax raises it for a failed array read: a generic Exception from TensorStore's."""
+  try:
+    try:
+      raise ValueError(message)
+    except ValueError as inner:
+      raise Exception("Encountered error while reading array index: (slice(0, 64, 1),)") from inner  # pylint: disable=broad-exception-raised
+  except Exception as outer:  # pylint: disable=broad-except
+    return outer
+
+
+@pytest.mark.parametrize("message", [
+    'Error reading "params.embed.embedding/0.0" in OCDBT database: ZSTD_decompressStream() failed: '
+    'Data corruption detected; at byte 0',  # TensorStore's words with no status code in front.
+    'INTERNAL: Error reading "params.embed.embedding/0.0": checksum mismatch'])
+def test_decompression_and_checksum_failures_show_damage_whatever_the_status(tiny_config, tmp_path, monkeypatch,
+                                                                            message):
+  trainer = train_lib.Trainer(tiny_config(), str(tmp_path))
+  expected, state = random_state(trainer, seed=5)
+  trainer.checkpointer.save(10, state)
+  trainer.checkpointer.save(20, random_state(trainer, seed=6)[1])
+  trainer.checkpointer.wait()
+  newest = os.path.join(trainer.checkpointer.directory, "20")
+  read = ocp.Checkpointer.restore
+  def failing_read(self, directory, *args, **kwargs):
+    if str(directory).startswith(newest + os.sep):
+      raise _read_error(message)
+    return read(self, directory, *args, **kwargs)
+  monkeypatch.setattr(ocp.Checkpointer, "restore", failing_read)
+  resumed = train_lib.Trainer(tiny_config(), str(tmp_path), echo=lambda m: None)
+  assert_state_equal(resumed.initial_state(), expected)
+  assert resumed.restored_step == 10
+  assert sorted(os.listdir(trainer.checkpointer.directory)) == ["10", "20.unreadable"]

@@ -195,3 +195,46 @@ def test_steps_to_measure():
   assert compare.steps_to_measure([2], {2: {"eval_batches": 0, "documents": {}}}, 2, config) == []
   config.final_eval_batches = 3
   assert compare.steps_to_measure([8], history, 8, config) == [8]
+
+
+def test_checkpoint_and_eval_cadence_follow_an_overridden_step_count():
+  """--config.run.train.steps=40 gives 8 checkpoints (every 5 steps) and 4 evaluations, as 200 steps do."""
+  from configs.compare import get_config  # pylint: disable=import-outside-toplevel
+  c = get_config()
+  c.lock()  # As the command line holds it.
+  assert (c.run.checkpoint.every_steps, c.run.train.eval_every) == (25, 50)
+  c.run.train.steps = 40
+  run = compare.run_config(c, compare.run_specs(c)[0])
+  assert (run.checkpoint.every_steps, run.train.eval_every) == (5, 10)
+  c.run.checkpoint.every_steps = 7  # Set explicitly, it stays.
+  c.run.train.steps = 80
+  assert compare.run_config(c, compare.run_specs(c)[0]).checkpoint.every_steps == 7
+
+
+def test_bad_comparison_settings_are_one_line_naming_them(tmp_path):
+  from mile_jax import config_lib  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / "w")
+  def refused(config, workdir=workdir):
+    with pytest.raises(config_lib.ConfigError) as info:
+      compare.validate(config, workdir)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+  assert refused(config_lib.base_config()).startswith("--config: not a comparison config (it has no run, losses")
+  c = comparison_config()
+  c.run.train.steps = 0
+  assert refused(c) == "run.train.steps: must be a positive integer, got 0"
+  c = comparison_config()
+  c.run.optim.warmup_steps = 9
+  assert refused(c) == "run.optim.warmup_steps: 9 is not shorter than run.train.steps=6"
+  for seeds in ((), (0, 0), ("a",)):
+    c = comparison_config()
+    c.seeds = seeds
+    assert refused(c).startswith("seeds: must be a non-empty tuple of distinct integers")
+  c = comparison_config()
+  c.losses, c.mile_gammas = (), ()
+  assert refused(c).startswith("losses: no runs to compare")
+  (tmp_path / "file").write_text("")
+  assert refused(comparison_config(), str(tmp_path / "file")) == (
+      f"--workdir: {tmp_path / 'file'} is a file, not a directory; name a directory")
+  assert not os.path.exists(workdir)
+  compare.validate(comparison_config(), workdir)

@@ -12,6 +12,7 @@ import time
 import pytest
 
 import conftest
+from mile_jax import config_files
 from mile_jax import train_lib
 from mile_jax.data import tokenizer as tokenizer_lib
 from mile_jax.errors import ConfigError
@@ -232,3 +233,30 @@ def test_a_finished_run_says_so_and_exits_0(command_line_errors):
   assert f"Nothing to train: checkpoint {tmp}/reached/checkpoints/{TRAINED_STEPS} is at step {TRAINED_STEPS} " \
          f"and the run ends at step {TRAINED_STEPS} (train.steps={TRAINED_STEPS}); the workdir is unchanged" \
          in stdout.splitlines(), stdout
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--config=no_such.py"], "--config: no such file 'no_such.py'"),
+    (["--config=configs/compare.py:bogus"],
+     "configs/compare.py: unknown setting 'bogus'; use one of ('tiny', 'zipf', 'pydocs', '468m', '1b', '7b')"),
+])
+def test_config_flags_that_cannot_be_read_are_one_line(args, line, monkeypatch):
+  """What plan and compare parse their --config with (train.py too, through the same description); a
+  misspelt override is tested through plan's command line (test_plan.py)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  monkeypatch.chdir(ROOT)
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True)
+  with pytest.raises(ConfigError) as info:
+    config_files.parse_config_flags(["prog", *args], values)
+  assert str(info.value) == line
+
+
+def test_compare_command_line_errors_are_one_line(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "mile_jax.experiments.compare", "--config=configs/compare.py",
+                           f"--workdir={tmp_path / 'w'}", "--config.run.train.steps=0"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert (result.returncode, result.stderr) == (2, "Config error: run.train.steps: must be a positive integer, "
+                                                    "got 0\n")
+  assert not os.path.exists(tmp_path / "w")

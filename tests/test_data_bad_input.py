@@ -57,6 +57,32 @@ def test_glob_errors(tmp_path):
     text_files.list_files(str(tmp_path / "*"))
 
 
+def test_a_symlink_loop_lists_each_file_once_by_its_shortest_path(tmp_path):
+  (tmp_path / "data" / "sub").mkdir(parents=True)
+  (tmp_path / "data" / "a.txt").write_text("first")
+  (tmp_path / "data" / "sub" / "b.txt").write_text("second")
+  os.symlink(tmp_path / "data", tmp_path / "data" / "sub" / "up")  # **/ goes round this loop.
+  os.symlink(tmp_path / "data" / "a.txt", tmp_path / "data" / "sub" / "same.txt")
+  paths = text_files.list_files(str(tmp_path / "data" / "**" / "*.txt"))
+  assert paths == [str(tmp_path / "data" / "a.txt"), str(tmp_path / "data" / "sub" / "b.txt")]
+  docs, _ = read(paths, tmp_path / "data")
+  assert docs == [("a.txt:0", "first"), ("sub/b.txt:0", "second")]
+
+
+def test_a_file_that_is_not_text_is_named(tmp_path):
+  (tmp_path / "good.txt").write_text("a few words of text " * 50)
+  (tmp_path / "mostly.txt").write_bytes(b"caf\xe9 au lait, na\xefve r\xe9sum\xe9 " * 20)  # Latin-1: 4 of 27 characters bad.
+  (tmp_path / "noise.txt").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+  docs, stats = read([tmp_path / "good.txt", tmp_path / "mostly.txt"], tmp_path)
+  assert len(docs) == 2 and stats.utf8_replaced == 1
+  for options in ({}, {"decode_errors": "skip"}, {"txt_documents": "blank_line"}):
+    with pytest.raises(ConfigError, match=r"^data.source: '.*noise.txt' is not UTF-8 text \(\d+% of its characters"):
+      read([tmp_path / "good.txt", tmp_path / "noise.txt"], tmp_path, **options)
+  (tmp_path / "zeros.txt").write_bytes(b"\0" * 100 + b"valid UTF-8, but a binary's bytes")
+  with pytest.raises(ConfigError, match=r"'.*zeros.txt' is not UTF-8 text"):
+    read([tmp_path / "zeros.txt"], tmp_path)
+
+
 def prepare(pattern, data_dir, **options):
   kwargs = dict(txt_documents="file", text_field="text", decode_errors="replace", val_fraction=0.3)
   kwargs.update(options)
@@ -96,7 +122,7 @@ def test_interrupted_preparation_is_redone_and_counts_are_logged(tmp_path, monke
     prepare(str(files / "*"), tmp_path / "prepared")
   assert not finished_datasets(tmp_path / "prepared")
   monkeypatch.setattr(text_files, "_decode", real)
-  with caplog.at_level(logging.WARNING):
+  with caplog.at_level(logging.INFO):
     builder = prepare(str(files / "*"), tmp_path / "prepared")
   assert "skipped 0 empty documents; invalid UTF-8: 1 documents replaced, 0 skipped" in caplog.text
   splits = builder.as_data_source()

@@ -154,3 +154,43 @@ def test_holdout_matches_splitmix64_reference():
   assert val.tolist() == [i for i in range(1000) if splitmix(i) / 2.0**53 < 0.1]
   assert sorted(train.tolist() + val.tolist()) == list(range(1000))
   assert 60 < len(val) < 140
+
+
+# Prepares a tiny files: source under absl's logging at INFO (the CLIs' --verbosity=0), then
+# opens a catalog dataset in a folder that does not exist, as eval.py --task_source tfds does.
+PREPARE_UNDER_ABSL = """
+import sys
+from absl import app, logging as absl_logging
+from mile_jax.data import tfds_sources
+def main(_):
+  absl_logging.set_verbosity(absl_logging.INFO)
+  tfds_sources.prepare_files(sys.argv[1] + "/*.txt", sys.argv[2], txt_documents="file", text_field="text",
+                             decode_errors="replace", val_fraction=0.3)
+  try:
+    tfds_sources.prepared_builder("lm1b", sys.argv[2] + "/missing", setting="--task_source=tfds")
+  except tfds_sources.ConfigError as e:
+    print("refused:", e)
+app.run(main, argv=sys.argv[:1])
+"""
+
+
+def test_preparing_files_prints_only_the_projects_lines(tmp_path, texts):
+  """Nothing of TFDS's, not even at INFO: only the project's line of what was prepared, at INFO (so
+  hidden at the CLIs' default WARNING)."""
+  import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  src = tmp_path / "src"
+  src.mkdir()
+  for i, text in enumerate(texts[:10]):
+    (src / f"d{i}.txt").write_text(text)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, "-c", PREPARE_UNDER_ABSL, str(src), str(tmp_path / "cache")],
+                          cwd=root, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = (result.stdout + result.stderr).splitlines()
+  refused = [line for line in lines if line.startswith("refused: --task_source=tfds: TFDS dataset 'lm1b' is not "
+                                                        f"prepared in {tmp_path / 'cache' / 'missing'}")]
+  assert len(refused) == 1, lines
+  rest = [line for line in lines if line not in refused]
+  assert len(rest) == 1 and rest[0].startswith("I") and "tfds_sources.py" in rest[0], rest
+  assert "] Prepared 10 documents (" in rest[0] and "from 10 files matching" in rest[0], rest

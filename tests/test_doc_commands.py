@@ -31,7 +31,7 @@ BAD = {
     "bad plan mesh": (["python", "-m", "mile_jax.plan", "--config", "configs/mile_7b.py", "--mesh", "1,8"], 1),
     "extra argument": (["python", "train.py", "--config", "configs/default.py", "--workdir", "w", "..."], 1),
     "unknown module flag": (["python", "-m", "mile_jax.experiments.compare", "--config", "configs/compare.py",
-                             "--workdir", "w", "--config.run.loss.gama=1"], 1),
+                             "--workdir", "w", "--config.run.loss.gama=1"], 2),
 }
 
 

@@ -226,7 +226,7 @@ def test_workdir_without_checkpoints_gives_one_clear_message(tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_py_writes_results_and_rejects_bad_input(workdir, tmp_path):
+def test_eval_py_writes_results_and_rejects_bad_input(workdir, lm, tmp_path):
   task_dir = tmp_path / "tasks" / "boolq"
   task_dir.mkdir(parents=True)
   docs = [{"passage": "Cats purr.", "question": "do cats purr", "label": 1},
@@ -235,7 +235,7 @@ def test_eval_py_writes_results_and_rejects_bad_input(workdir, tmp_path):
   output = tmp_path / "result.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   cmd = [sys.executable, "eval.py", "--workdir", workdir, "--tasks", "ppl,boolq", "--ppl_batches", "1",
-         "--batch_size", "8", "--task_data_dir", str(tmp_path / "tasks"), "--output", str(output),
+         "--batch_size", "8", "--task_data_dir", str(tmp_path / "tasks"), "--log_samples", "--output", str(output),
          "--compilation_cache_dir", str(tmp_path / "cache")]
   done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False, env=env)
   assert done.returncode == 0, done.stderr[-2000:]
@@ -250,6 +250,16 @@ def test_eval_py_writes_results_and_rejects_bad_input(workdir, tmp_path):
   assert result["step"] == 10 and result["tasks"]["boolq"]["num_examples"] == 2
   assert result["tasks"]["ppl"]["num_examples"] == 8 * 32
   assert "| boolq | acc |" in done.stdout
+  # --log_samples: each document's requests and log-likelihoods beside the result, as the model scores them.
+  samples = [json.loads(line) for line in (tmp_path / "result_samples_boolq.jsonl").read_text().splitlines()]
+  assert [(s["doc_id"], s["doc"], s["target"]) for s in samples] == [(i, d, d["label"]) for i, d in enumerate(docs)]
+  for s in samples:
+    expected = [logp for logp, _ in lm.loglikelihood([tuple(a) for a in s["arguments"]])]
+    # Two packings of the same requests: float32 rounding of about 8 * 2^-24 relative per scored token
+    # (see test_packed_loglikelihood_matches_one_forward_per_request); " no" / " yes" are a token or two.
+    np.testing.assert_allclose(s["loglikelihoods"], expected, rtol=2 * 8 * 2.0 ** -24)
+    assert s["acc"] == float(int(np.argmax(s["loglikelihoods"])) == s["target"])
+  assert np.mean([s["acc"] for s in samples]) == result["tasks"]["boolq"]["metrics"]["acc"]["value"]
   bad = subprocess.run(cmd[:4] + ["--tasks", "ppl,nope"], cwd=ROOT, capture_output=True, text=True,
                        timeout=120, check=False, env=env)
   assert bad.returncode == 2

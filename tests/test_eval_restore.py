@@ -1,18 +1,22 @@
 """eval.py's restore reads only the parameters, onto any mesh; the perplexity's
 row-level standard error against float64 NumPy."""
 
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import types
 
+from absl import flags
 import jax
 import numpy as np
 import pytest
 import tensorstore as ts
 
 import conftest
+from mile_jax import eval_cli
 from mile_jax import train_lib
 from mile_jax.core import model as model_lib
 from mile_jax.core import optim
@@ -167,6 +171,50 @@ def test_eval_py_names_a_damaged_tokenizer_and_a_bad_batch_size(trained, tmp_pat
   assert results["batch"] == ("Eval error: --batch_size: must be >= 1, got 0\n", 2)
 
 
+def _eval_cli(args, capsys) -> tuple[str, int]:
+  """(stderr, exit status) of eval.py's main on `args`, in this process (no compilation cache)."""
+  flags.FLAGS.unparse_flags()
+  try:
+    eval_cli.main(flags.FLAGS(["eval.py", "--compilation_cache_dir=", *args]))
+    code = 0
+  except SystemExit as e:
+    code = e.code
+  finally:
+    flags.FLAGS.unparse_flags()
+  return capsys.readouterr().err, code
+
+
+def test_eval_py_turns_bad_files_and_flags_into_one_line(trained, tmp_path, capsys):
+  workdir, _, _ = trained
+  garbled = tmp_path / "garbled"
+  shutil.copytree(workdir, garbled)
+  (garbled / "config.json").write_text('{"model": {"vocab_size": 512,')  # Cut short.
+  counts = (garbled / "token_counts.npy").read_bytes()
+  (garbled / "token_counts.npy").write_bytes(counts[:len(counts) // 2])
+  cases = {
+      ("--workdir", workdir, "--mesh_shape", "a,b,c"):
+          "--mesh_shape: expected three integers (data, fsdp, tensor) such as 1,-1,1, got a,b,c",
+      ("--workdir", str(garbled)):
+          f"{garbled}/config.json is not valid JSON (line 1 column 30: Expecting property name enclosed in double "
+          "quotes); copy back the config.json that train.py wrote for this run (each checkpoint saves it too: "
+          "mile_jax.run.checkpoint.Checkpointer.restore_config)",
+      ("--workdir", workdir, "--output", str(tmp_path)):
+          f"--output: {tmp_path} is a directory; give the path of a JSON file to write",
+      ("--compare", workdir, "--compare", workdir):
+          f"--compare: {workdir} has no eval.py results yet (none in {workdir}/eval); run eval.py --workdir "
+          f"{workdir} first",
+      ("--workdir", workdir, "--ppl_batches", "-1"):
+          "--ppl_batches: must be >= 0 (0 = the whole validation split), got -1",
+      ("--workdir", workdir, "--max_gen_toks", "-1"): "--max_gen_toks: must be >= 1, got -1",
+  }
+  for args, message in cases.items():
+    assert _eval_cli(args, capsys) == (f"Eval error: {message}\n", 2), args
+  shutil.copy(os.path.join(workdir, "config.json"), garbled / "config.json")  # Only token_counts.npy is bad now.
+  err, code = _eval_cli(("--workdir", str(garbled), "--tasks", "buckets"), capsys)
+  assert code == 2 and err.startswith(f"Eval error: {garbled}/token_counts.npy is not a readable NumPy array")
+  assert not os.path.exists(os.path.join(workdir, "eval"))  # nothing written
+
+
 def test_a_tokenizer_of_another_size_is_named(trained, tmp_path):
   workdir, _, _ = trained
   copy = tmp_path / "run"
@@ -256,3 +304,109 @@ def test_evaluate_row_sums_match_the_model_in_float64(trained):
   row_ce, row_tokens = np.concatenate(row_ce), np.concatenate(row_tokens)
   np.testing.assert_allclose(got["ce"], row_ce.sum() / row_tokens.sum(), rtol=1e-5)
   np.testing.assert_allclose(got["ce_stderr_rows"], _ratio_se64(row_ce, row_tokens), rtol=1e-3)
+
+
+class _FirstRows:
+  """The first `rows` rows of `dataset` as a validation split of their own; its batches
+  read on past them (as a packed split reads its next epoch), which must not count."""
+
+  def __init__(self, dataset, rows):
+    self.dataset, self.rows_per_epoch = dataset, rows
+
+  def batch(self, step, global_batch_size, process_index=0, process_count=1):
+    return self.dataset.batch(step, global_batch_size, process_index, process_count)
+
+
+def test_perplexity_scores_every_row_when_the_batches_do_not_divide_them(trained):
+  workdir, _, _ = trained
+  restored = restore_lib.restore(workdir, mesh_shape=(1, 1, 1), devices=jax.devices()[:1])
+  dataset = runner._text_dataset(restored, runner.EvalOptions(workdir=workdir))  # pylint: disable=protected-access
+  rows = 11  # batches of 4: 4, 4 and 3 rows
+  sums = perplexity.evaluate(restored, _FirstRows(dataset, rows), batch_size=4, progress=False)
+  got = perplexity.summarize(sums)
+  # float64 reference over all 11 rows at once.
+  batch = dataset.batch(0, rows)
+  z = np.asarray(restored.model.apply({"params": restored.params}, batch["inputs"]), np.float64)
+  z = z - z.max(-1, keepdims=True)
+  logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  mask = np.asarray(batch["mask"], np.float64)
+  ce = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0] * mask
+  assert got["tokens"] == mask.sum() == rows * 32
+  assert np.max(sums["rows"]) == rows
+  # float32 logits and a float32 log-softmax over V = 512 against float64: a few 2^-24 relative per
+  # token; summed over 352 tokens in float32 on the device, about sqrt(352) times that.
+  np.testing.assert_allclose(got["ce"], ce.sum() / mask.sum(), rtol=1e-5)
+  np.testing.assert_allclose(got["ce_stderr_rows"], _ratio_se64(ce.sum(1), mask.sum(1)), rtol=1e-3)
+  # --ppl_batches 2 takes the two whole batches only.
+  two = perplexity.summarize(perplexity.evaluate(restored, _FirstRows(dataset, rows), batch_size=4, max_batches=2,
+                                                 progress=False))
+  assert two["tokens"] == 8 * 32
+  np.testing.assert_allclose(two["ce"], ce[:8].sum() / mask[:8].sum(), rtol=1e-5)
+
+
+def test_a_mesh_of_several_processes_feeds_each_its_share(monkeypatch):
+  device = lambda p: types.SimpleNamespace(process_index=p)
+  mesh = lambda *processes: types.SimpleNamespace(devices=np.array([device(p) for p in processes]))
+  share = perplexity._process_share  # pylint: disable=protected-access
+  monkeypatch.setattr(jax, "process_index", lambda: 1)  # process 1 of a run of 3
+  monkeypatch.setattr(jax, "process_count", lambda: 3)
+  assert share(mesh(0, 0, 1, 1)) == (1, 2)
+  assert share(mesh(1, 1)) == (0, 1)  # eval.py's mesh of this process's devices: the whole batch
+
+
+def test_restore_defaults_to_this_process_devices(trained, monkeypatch):
+  workdir, _, _ = trained
+  monkeypatch.setattr(jax, "local_devices", lambda: jax.devices()[:2])  # as one process of a run of four
+  restored = restore_lib.restore(workdir, mesh_shape=(1, -1, 1))
+  assert list(restored.mesh.devices.flat) == jax.devices()[:2]
+
+
+def _copy_run(workdir, tmp_path):
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  return copy
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda raw: raw[:len(raw) // 2], r" is not a readable NumPy array of token counts \(EOF: reading array data"),
+    (lambda raw: raw[:20], r" is not a readable NumPy array of token counts \(EOF: reading array header"),
+    (lambda raw: b"", r" is not a readable NumPy array of token counts \(it does not start with the .npy header\)"),
+    (lambda raw: b"garbage" * 9, r" is not a readable NumPy array of token counts \(it does not start with the .npy"),
+    (lambda raw: _npy(np.arange(10)), r": expected 512 token counts \(model.vocab_size\), found shape \(10,\)"),
+    (lambda raw: _npy(np.full(512, 0.5)), r": expected integer token counts, found dtype float64"),
+    (lambda raw: _npy(np.zeros(512, np.int64)), r": expected non-negative token counts with a positive sum, found "
+                                                r"smallest 0, sum 0"),
+])
+def test_token_counts_errors_name_the_file_before_the_model_loads(trained, tmp_path, monkeypatch, damage, message):
+  workdir, _, _ = trained
+  copy = _copy_run(workdir, tmp_path)
+  path = copy / "token_counts.npy"
+  path.write_bytes(damage(path.read_bytes()))
+  monkeypatch.setattr(restore_lib, "restore", lambda *a, **k: pytest.fail("the model was loaded"))
+  with pytest.raises(EvalError, match=rf"^{path}{message}.*; copy the run's token_counts.npy back"):
+    runner.evaluate(runner.EvalOptions(workdir=str(copy), tasks="buckets"))
+
+
+def _npy(array):
+  buffer = io.BytesIO()
+  np.save(buffer, array)
+  return buffer.getvalue()
+
+
+def test_a_config_json_that_is_not_a_config_is_named(trained, tmp_path):
+  workdir, _, _ = trained
+  copy = _copy_run(workdir, tmp_path)
+  for text, message in (("not json", r"is not valid JSON \(line 1 column 1: Expecting value\)"),
+                        ("[1, 2]", r"is not a run's config \(a JSON object with a 'model' section\)")):
+    (copy / "config.json").write_text(text)
+    with pytest.raises(EvalError, match=rf"^{copy}/config.json {message}; copy back the config.json"):
+      restore_lib.restore(str(copy), mesh_shape=(1, 1, 1), devices=jax.devices()[:1])
+
+
+def test_an_unwritable_output_is_found_before_the_model_loads(trained, tmp_path, monkeypatch):
+  workdir, _, _ = trained
+  monkeypatch.setattr(restore_lib, "restore", lambda *a, **k: pytest.fail("the model was loaded"))
+  (tmp_path / "file").write_text("")
+  for output in (str(tmp_path), str(tmp_path / "file" / "r.json")):
+    with pytest.raises(EvalError, match="^--output: "):
+      runner.evaluate_and_report(runner.EvalOptions(workdir=workdir, output=output), echo=lambda _: None)

@@ -1,6 +1,8 @@
 """Benchmark prompts, few-shot sampling, scoring and bucket thresholds against hand-written values."""
 
+import json
 import math
+import os
 import random
 
 import numpy as np
@@ -240,3 +242,91 @@ def test_compare_shows_differences_with_combined_stderr():
         "piqa": {"num_examples": 100, "metrics": {"acc": {"value": acc, "stderr": se}}}}}
   table = report.compare([run("ce", 0.60, 0.03), run("mile", 0.64, 0.04)])
   assert "| piqa | acc | 0.6000 ± 0.0300 | 0.6400 ± 0.0400 | +0.0400 ± 0.0500 |" in table
+
+
+# "İ" (U+0130) lower-cases to two characters, "i" + U+0307 ("i̇"), and a NumPy string array keeps
+# its width: the lower-cased text is cut to it. The prediction is repeated in an array of its own
+# width, the aliases share one of the longest alias's width.
+DOTTED = [
+    # (prediction, aliases, the harness's score, Python's str.lower comparison)
+    ("İstanbul", ["İstanbul", "Constantinople"], 0.0, 1.0),  # "i̇stanbu" (width 8) vs "i̇stanbul" (width 14)
+    ("İstanbul", ["İstanbul"], 1.0, 1.0),  # both cut alike to "i̇stanbu"
+    ("İstanbul", ["Constantinople", "İstanbul"], 0.0, 1.0),  # the order of the aliases does not matter
+    ("İ", ["i"], 1.0, 0.0),  # "i̇" cut to "i" (width 1) equals "i"
+    ("İ", ["ii", "i"], 1.0, 0.0),  # the alias "i" in a width-2 array is not cut: still "i"
+    ("İİ", ["i\u0307"], 1.0, 0.0),  # "i̇i̇" (4 characters) cut to width 2: "i̇", the alias
+    ("  William Shakespeare.", ["Shakespeare", "william shakespeare"], 1.0, 1.0),  # stripped, no punctuation
+    ("the Bard", ["Shakespeare"], 0.0, 0.0),
+]
+
+
+@pytest.mark.parametrize("prediction, aliases, harness, python", DOTTED)
+def test_exact_match_cuts_lower_case_to_the_array_width_as_the_harness_does(prediction, aliases, harness, python):
+  assert scoring.exact_match(prediction, aliases) == harness
+  plain = lambda t: t.lower().translate(str.maketrans("", "", "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"))
+  assert float(any(plain(prediction.strip()) == plain(a) for a in aliases)) == python
+  try:
+    from lm_eval.api import metrics as harness_metrics  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    if os.environ.get("CI"):
+      raise  # A missing package must fail in CI (it installs requirements-eval.txt), not skip.
+    pytest.skip("lm_eval is not installed (CI unset): compared against the hand-derived scores only")
+  # The harness's TriviaQA scoring: its remove_whitespace filter strips the generation, then
+  # exact_match gets the aliases and the prediction once per alias; any match scores 1.
+  theirs = harness_metrics.exact_match_hf_evaluate(
+      predictions=[prediction.strip()] * len(aliases), references=aliases, ignore_case=True,
+      ignore_punctuation=True)["exact_match"]
+  assert float(theirs > 0.0) == harness
+
+
+def test_compare_of_a_workdir_without_results_says_to_run_eval_py_first(tmp_path):
+  run = tmp_path / "run"
+  (run / "checkpoints").mkdir(parents=True)
+  (run / "config.json").write_text(json.dumps({"model": {"vocab_size": 512}}))  # a JSON file, not a result
+  with pytest.raises(EvalError) as raised:
+    report.load_run(str(run))
+  assert str(raised.value) == (f"--compare: {run} has no eval.py results yet (none in {run}/eval); "
+                               f"run eval.py --workdir {run} first")
+  # Once eval.py has written one, it is found (config.json, newer, is passed over).
+  (run / "eval").mkdir()
+  result = {"workdir": str(run), "step": 4, "config_hash": "x", "tasks": {}}
+  (run / "eval" / "step4_1.json").write_text(json.dumps(result))
+  os.utime(run / "config.json")
+  assert report.load_run(str(run)) == dict(result, source=f"{run}/eval/step4_1.json")
+  with pytest.raises(EvalError, match=rf"^--compare: {run}/config.json is not an eval.py result \("):
+    report.load_run(str(run / "config.json"))  # named by the user: said so
+  (tmp_path / "cut.json").write_text('{"tasks": {')
+  with pytest.raises(EvalError, match=rf"^--compare: {tmp_path}/cut.json is not an eval.py result"):
+    report.load_run(str(tmp_path / "cut.json"))
+
+
+def test_an_output_that_cannot_be_written_is_named_before_anything_loads(tmp_path):
+  (tmp_path / "file").write_text("x")
+  cases = {
+      str(tmp_path): f"--output: {tmp_path} is a directory; give the path of a JSON file to write",
+      str(tmp_path / "file" / "r.json"): f"--output: cannot write {tmp_path}/file/r.json: {tmp_path}/file is a "
+                                         "file, not a directory",
+  }
+  if os.path.isdir("/proc/self"):  # Takes no new file, even from root.
+    cases["/proc/nope/r.json"] = "--output: cannot write /proc/nope/r.json: /proc does not take new files ("
+  for output, message in cases.items():
+    with pytest.raises(EvalError) as raised:
+      report.check_output(output)
+    assert str(raised.value).startswith(message), str(raised.value)
+  report.check_output(str(tmp_path / "new" / "dirs" / "r.json"))  # Made when written: fine, and nothing made yet.
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"ppl_batches": -1}, "--ppl_batches: must be >= 0 (0 = the whole validation split), got -1"),
+    ({"max_gen_toks": -1}, "--max_gen_toks: must be >= 1, got -1"),
+    ({"max_gen_toks": 0}, "--max_gen_toks: must be >= 1, got 0"),
+    ({"mesh_shape": (1, 2)}, "--mesh_shape: expected three sizes (data, fsdp, tensor), positive or one -1, got 1,2"),
+    ({"mesh_shape": (-1, -1, 1)}, "--mesh_shape: expected three sizes (data, fsdp, tensor), positive or one -1, "
+                                  "got -1,-1,1"),
+    ({"log_samples": True}, "--log_samples: writes benchmark documents, but --tasks=ppl has no benchmark"),
+])
+def test_numeric_flags_out_of_range_are_refused(tmp_path, setting, message):
+  with pytest.raises(EvalError) as raised:  # Before the workdir (which has no checkpoint) is even looked at.
+    runner.evaluate(runner.EvalOptions(workdir=str(tmp_path), tasks="ppl", **setting))
+  assert str(raised.value) == message

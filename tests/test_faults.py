@@ -81,6 +81,28 @@ def test_stale_locks_are_detected(tmp_path, live_pid):
         assert json.load(f)["pid"] == info["pid"]  # Left alone.
 
 
+def test_a_lock_of_bytes_that_are_not_utf8_is_stale_and_taken_over(tmp_path):
+  path = os.path.join(str(tmp_path), faults.LOCK_NAME)
+  with open(path, "wb") as f:
+    f.write(b'{"pid": \xff\xfe\x80 damaged')
+  messages = []
+  with faults.WorkdirLock(str(tmp_path), echo=messages.append):
+    with open(path, encoding="utf-8") as f:
+      assert json.load(f)["pid"] == os.getpid()
+  assert messages == [f"Taking over the stale lock {path}: the lock file is unreadable"]
+
+
+@pytest.mark.parametrize("name", [faults.GUARD_NAME, faults.LOCK_NAME])
+def test_a_lock_or_guard_that_is_a_directory_is_refused_in_one_line(tmp_path, name):
+  os.makedirs(os.path.join(str(tmp_path), name))
+  with pytest.raises(faults.ConfigError) as info:
+    faults.WorkdirLock(str(tmp_path), echo=lambda m: None).acquire()
+  message = str(info.value)
+  assert message.startswith("--workdir: cannot ") and os.path.join(str(tmp_path), name) in message
+  assert "Is a directory" in message and "\n" not in message
+  assert os.path.isdir(os.path.join(str(tmp_path), name))
+
+
 def test_release_leaves_a_lock_that_another_run_took_over(tmp_path, live_pid):
   lock = faults.WorkdirLock(str(tmp_path), echo=lambda m: None)
   lock.acquire()

@@ -10,6 +10,7 @@ module instead of skipping it: `.ci/run` installs requirements-eval.txt.
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -21,9 +22,11 @@ import sentencepiece as spm
 if os.environ.get("CI"):
   import torch  # noqa: F401  A missing package must fail in CI, not skip.
   import transformers
+  import lm_eval  # noqa: F401
 else:
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
+  pytest.importorskip("lm_eval")
 
 import flax.linen as nn  # noqa: E402
 
@@ -36,9 +39,11 @@ from mile_jax.core import step as step_lib  # noqa: E402
 from mile_jax.data import corpus as corpus_lib  # noqa: E402
 from mile_jax.data import pipeline as data_pipeline  # noqa: E402
 from mile_jax.evaluation import generation  # noqa: E402
+from mile_jax.evaluation import lm as lm_lib  # noqa: E402
 from mile_jax.evaluation import restore as restore_lib  # noqa: E402
 from mile_jax.hf import convert as hf  # noqa: E402
 from mile_jax.hf import layout as hf_layout  # noqa: E402
+from mile_jax.hf import safetensors_io  # noqa: E402
 from mile_jax.run import checkpoint as checkpoint_lib  # noqa: E402
 from conftest import make_tiny_config  # noqa: E402
 
@@ -257,6 +262,105 @@ def test_init_from_hf_names_every_mismatch(exported, tmp_path):
     config_lib.validate(good)
 
 
+def test_imported_run_scores_as_the_harness_does(exported, tmp_path):
+  """`hf import` takes the start token from config.json's bos_token_id (BOS in the "gqa" export, as
+  in a LLaMA's; EOS in the "default" one), so eval.py's log-likelihoods on the imported checkpoint
+  are lm-eval's hf backend's on the directory (whose tokenizer prepends that token)."""
+  from lm_eval.api.instance import Instance  # pylint: disable=import-outside-toplevel
+  from lm_eval.models.huggingface import HFLM  # pylint: disable=import-outside-toplevel
+  config, _, _, hf_dir, _ = exported
+  hf.import_hf(hf_dir, str(tmp_path / "imported"), echo=lambda *a: None)
+  restored = restore_lib.restore(str(tmp_path / "imported"), mesh_shape=(1, 1, 1), devices=jax.devices()[:1])
+  with open(os.path.join(hf_dir, "config.json"), encoding="utf-8") as f:
+    bos = json.load(f)["bos_token_id"]
+  assert restored.config.data.add_bos == config.data.add_bos == (bos == restored.tokenizer.bos_id)
+  pairs = [("The cat sat on", " the mat"), ("Hello", " world, and more words"), ("a b c", " d"), ("x", " y")]
+  model = lm_lib.LanguageModel(restored, batch_size=4, progress=False)
+  ours = model.loglikelihood(pairs)
+  harness = HFLM(pretrained=hf_dir, batch_size=4, device="cpu", dtype="float32")
+  theirs = harness.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)],
+                                 disable_tqdm=True)
+  model.prefix = [restored.tokenizer.eos_id if config.data.add_bos else restored.tokenizer.bos_id]
+  other_start = model.loglikelihood(pairs)  # negative control: the other start token
+  for (context, continuation), (a, greedy_a), (b, greedy_b), (c, _) in zip(pairs, ours, theirs, other_start):
+    # Each token's log-probability is off by at most twice the largest logit difference.
+    tol = 2 * LOGIT_TOL * len(model.encode_pair(context, continuation)[1])
+    assert abs(a - b) <= tol and greedy_a == greedy_b, (context, a, b)
+  assert max(abs(b - c) for (b, _), (c, _) in zip(theirs, other_start)) > 100 * LOGIT_TOL
+
+
+def _without_lm_head(hf_dir, root, tie: bool) -> str:
+  """A copy of the directory without lm_head.weight whose config.json has tie_word_embeddings=`tie`."""
+  out = root / f"tie_{tie}"
+  tensors = {k: v for k, v in safetensors_io.read_dir(hf_dir).items() if k != "lm_head.weight"}
+  safetensors_io.write_dir(str(out), tensors, 1 << 30)
+  with open(os.path.join(hf_dir, "config.json"), encoding="utf-8") as f:
+    (out / "config.json").write_text(json.dumps({**json.load(f), "tie_word_embeddings": tie}))
+  shutil.copy(os.path.join(hf_dir, "tokenizer.model"), out / "tokenizer.model")
+  return str(out)
+
+
+def test_a_missing_lm_head_is_the_embedding_only_when_tied(exported, tmp_path):
+  config, params, _, hf_dir, _ = exported
+  untied, tied = _without_lm_head(hf_dir, tmp_path, False), _without_lm_head(hf_dir, tmp_path, True)
+  line = (f"{untied}: lm_head.weight is missing but config.json has tie_word_embeddings=false (the output layer "
+          "is not the embedding); the weights are incomplete")
+  bad = config.copy_and_resolve_references()
+  bad.init.from_hf = untied
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(bad)
+  assert str(e.value) == f"init.from_hf: {line}"
+  with pytest.raises(hf_layout.HFError) as e:  # where training reads the weights
+    _import(untied, config)
+  assert str(e.value) == line
+  with pytest.raises(hf_layout.HFError) as e:
+    hf.import_hf(untied, str(tmp_path / "run"), echo=lambda *a: None)
+  assert str(e.value) == f"--hf_dir: {line}" and not os.path.exists(tmp_path / "run")
+  good = config.copy_and_resolve_references()
+  good.init.from_hf = tied
+  config_lib.validate(good)
+  loaded = _import(tied, config)
+  assert np.array_equal(loaded["lm_head"]["kernel"], params["embed"]["embedding"].T)
+
+
+def test_bad_export_and_import_input_is_one_line_and_writes_nothing(exported, tmp_path):
+  config, _, restored, hf_dir, _ = exported
+  (tmp_path / "file").write_text("")
+  out = str(tmp_path / "file" / "hf")
+  with pytest.raises(hf_layout.HFError, match=f"^--out: {out} cannot be created \\({tmp_path / 'file'} is not a "
+                     "writable directory\\)$"):
+    hf.export(restored.workdir, out)
+  for mib in (0, -1):
+    with pytest.raises(hf_layout.HFError, match=f"^--max_shard_mb: must be a positive number of MiB, got {mib}$"):
+      hf.export(restored.workdir, str(tmp_path / "out"), max_shard_bytes=mib << 20)
+  assert not os.path.exists(tmp_path / "out")
+  # A tokenizer.model that is not a SentencePiece model; then config.json's start token in neither.
+  bad = tmp_path / "bad_tokenizer"
+  bad.mkdir()
+  for name in ("config.json", "model.safetensors"):
+    os.symlink(os.path.join(hf_dir, name), bad / name)
+  (bad / "tokenizer.model").write_text("not a model")
+  run = str(tmp_path / "run")
+  with pytest.raises(hf_layout.HFError) as e:
+    hf.import_hf(str(bad), run)
+  assert str(e.value) == (f"{bad}/tokenizer.model: not a SentencePiece model (RuntimeError); set "
+                          "--config.data.tokenizer_path to the SentencePiece model these weights were trained with")
+  os.unlink(bad / "tokenizer.model")
+  with pytest.raises(hf_layout.HFError, match="^--hf_dir: .* has no tokenizer.model; set --config.data.tokenizer_path"):
+    hf.import_hf(str(bad), run)
+  os.symlink(os.path.join(hf_dir, "tokenizer.model"), bad / "tokenizer.model")
+  with open(os.path.join(hf_dir, "config.json"), encoding="utf-8") as f:
+    hf_config = json.load(f)
+  os.unlink(bad / "config.json")
+  (bad / "config.json").write_text(json.dumps({**hf_config, "bos_token_id": 7}))
+  with pytest.raises(hf_layout.HFError, match="^--hf_dir: .*config.json has bos_token_id=7, which is neither BOS"):
+    hf.import_hf(str(bad), run)
+  os.unlink(bad / "model.safetensors")
+  with pytest.raises(hf_layout.HFError, match=f"^--hf_dir: {bad}: no model.safetensors"):
+    hf.import_hf(str(bad), run)
+  assert not os.path.exists(run)
+
+
 def _logged(workdir, step):
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     return [r for r in map(json.loads, f) if r["step"] == step and r["split"] == "train"][-1]
@@ -308,6 +412,10 @@ def test_command_line(tmp_path):
   assert again.returncode == 2
   assert again.stderr.strip().splitlines()[-1] == f"HF error: --out: {out} exists and is not an empty directory; " \
       "choose a new one"
+  for flag, line in (("--dtype=float16", "--dtype: must be one of float32, bfloat16, got 'float16'"),
+                     ("--max_shard_mb=-1", "--max_shard_mb: must be a positive number of MiB, got -1")):
+    refused = cli("export", "--workdir", run, "--out", str(tmp_path / "other"), flag)
+    assert (refused.returncode, refused.stderr) == (2, f"HF error: {line}\n"), refused.stderr[-2000:]
   done = cli("import", "--hf_dir", out, "--workdir", imported)
   assert done.returncode == 0, done.stderr
   restored = restore_lib.restore(imported, mesh_shape=(1, 1, 1), devices=jax.devices()[:1])

@@ -104,16 +104,17 @@ def test_the_error_type_is_at_the_bottom():
 # group; two groups of one tier are independent of each other. A name stands for a module and,
 # if it is a package, everything in it (the longest name that matches decides).
 LAYERS = [
-    {"the error type": ["mile_jax.errors"]},
+    {"the error type": ["mile_jax.errors"],
+     "the check for missing packages": ["mile_jax.requirements_check"]},
     {"the method and the step": ["mile_jax.core"],
-     "data": ["mile_jax.data"],
-     "Hugging Face formats": ["mile_jax.hf.layout", "mile_jax.hf.safetensors_io", "mile_jax.hf.tokenizer"]},
-    {"the config": ["mile_jax.config_lib"]},
+     "data": ["mile_jax.data"]},
+    {"Hugging Face formats": ["mile_jax.hf.layout", "mile_jax.hf.safetensors_io", "mile_jax.hf.tokenizer"]},
+    {"the config": ["mile_jax.config_lib", "mile_jax.config_files"]},
     {"what keeps a run alive": ["mile_jax.run"]},
     {"evaluation": ["mile_jax.evaluation"]},
     {"the training loop": ["mile_jax.train_lib"]},
-    {"command-line programs": ["mile_jax.train_cli", "mile_jax.eval_cli", "mile_jax.plan", "mile_jax.config_files",
-                               "mile_jax.hf.convert", "mile_jax.hf.__main__"],
+    {"command-line programs": ["mile_jax.train_cli", "mile_jax.eval_cli", "mile_jax.plan",
+                               "mile_jax.hf.convert", "mile_jax.hf.__main__", "mile_jax.generate"],
      "experiments": ["mile_jax.experiments"]},
 ]
 # Packages whose __init__ imports nothing of mile_jax: importing one of their modules runs them,

@@ -46,6 +46,8 @@ BAD = {
     "same name twice": ("mix:x=files:/a@1,x=files:/b@1", "mixture component name 'x' appears twice"),
     "bad name": ("mix:a/b=files:/a@1", "mixture component name 'a/b' may hold only"),
     "weight below 2**-20": ("mix:builtin:pydocs@1,files:/x@1e-7", "mixture component 'x' has weight 1e-07"),
+    "weights that overflow": ("mix:builtin:pydocs@1e308,files:/x@1e308", "the mixture weights (1e+308, 1e+308) add "
+                                                                        "up to more than the largest float"),
 }
 
 

@@ -49,6 +49,12 @@ def test_eval_extra_is_requirements_eval_txt():
   assert sorted(extra) == sorted(_requirements("requirements-eval.txt"))
 
 
+def test_tensorboard_extra_has_the_profile_plugin():
+  """docs/training.md's `tensorboard --logdir` and its Profile tab need both packages."""
+  extra = _spaceless(_pyproject()["project"]["optional-dependencies"]["tensorboard"])
+  assert sorted(r.split(">=")[0] for r in extra) == ["tensorboard", "tensorboard-plugin-profile"]
+
+
 def test_packages_are_the_source_tree():
   """Every directory of mile_jax/ with an __init__.py is a package, and configs/ is mile_jax.configs."""
   setuptools = _pyproject()["tool"]["setuptools"]
@@ -61,7 +67,8 @@ def test_packages_are_the_source_tree():
 
 def test_entry_points_are_the_scripts_modules():
   assert _pyproject()["project"]["scripts"] == {"mile-train": "mile_jax.train_cli:run",
-                                                "mile-eval": "mile_jax.eval_cli:run"}
+                                                "mile-eval": "mile_jax.eval_cli:run",
+                                                "mile-generate": "mile_jax.generate:run"}
 
 
 def test_bundled_configs_resolve_from_any_directory(tmp_path, monkeypatch):

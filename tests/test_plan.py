@@ -117,9 +117,13 @@ def test_cli_prints_table_and_verdict():
     (["--mesh=1,8"], "--mesh"),
     (["--mesh=1,3,1"], "data.global_batch_size"),  # 16 rows do not split over 3 devices.
     (["--mesh=1,2,1", "--remat=some"], "model.remat"),
+    (["--mesh=1,1,3"], "--mesh: (1, 1, 3) splits dimension 0 (size 512) of params/embed/embedding over tensor 3"),
+    (["--mesh=1,2,1", "--microbatches=x"], "--microbatches: must be comma-separated positive integers"),
+    (["--mesh=1,2,1", "--config.model.d_modle=64"], "--config.model.d_modle: no such setting in configs/default.py"),
 ])
 def test_cli_rejects_bad_settings_before_compiling(args, setting):
   result = _cli(*args)
   assert result.returncode == 2
+  assert len(result.stderr.strip().splitlines()) == 1, result.stderr
   assert result.stderr.strip().splitlines()[-1].startswith(f"Config error: {setting}")
   assert "compiling" not in result.stderr

@@ -62,3 +62,31 @@ def test_profiler_server_listens_on_the_port_and_settings_are_checked():
     with pytest.raises(ConfigError) as raised:
       config_lib.validate(make_tiny_config(**{setting: value}))
     assert str(raised.value) == f"{setting}: {message}"
+
+
+def test_a_profile_window_no_step_reaches_is_refused_or_said():
+  with pytest.raises(ConfigError) as raised:
+    config_lib.validate(make_tiny_config(**{"train.steps": 30, "train.profile_steps": 2, "train.profile_start_step": 31}))
+  assert str(raised.value).startswith("train.profile_start_step: 31 is beyond train.steps=30: no step would be traced")
+  config_lib.validate(make_tiny_config(**{"train.steps": 30, "train.profile_steps": 0, "train.profile_start_step": 31}))
+  # A run resumed after step 20 of a config whose window is steps 10-11: one line at its start, no trace.
+  train = make_tiny_config(**{"train.profile_steps": 2, "train.profile_start_step": 10}).train
+  lines = []
+  profiler = profiling.StepProfiler(train, "unused", echo=lines.append, start=20)
+  assert lines == ["Profile: no trace; the profile window (steps 10-11, train.profile_start_step and "
+                   "train.profile_steps) is before step 21, where this resumed run starts"]
+  assert profiler.step(21, lambda x: x + 1, 1) == 2 and profiler.tracing_since is None
+  for start in (0, 10):  # The window, or part of it, is still ahead.
+    profiling.StepProfiler(train, "unused", echo=lines.append, start=start)
+  assert len(lines) == 1
+
+
+def test_a_profiler_port_in_use_is_refused_before_the_run(tmp_path):
+  with socket.socket() as taken:
+    taken.bind(("", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    with pytest.raises(ConfigError) as raised:
+      train_lib.Trainer(make_tiny_config(**{"train.profile_server_port": port}), str(tmp_path / "run"))
+  assert str(raised.value) == (f"train.profile_server_port: port {port} is already in use; choose another port, "
+                               f"or 0 for no profiler server")

@@ -222,3 +222,19 @@ def test_train_py_rejects_a_bad_setting_before_compiling(tmp_path):
   assert result.returncode == 2
   assert "loss.gamma" in result.stderr.strip().splitlines()[-1]
   assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_the_run_header_says_what_the_run_uses(tiny_config):
+  """The loss's parameters only where the loss has them; the validation steps a run really has."""
+  from mile_jax.run import metrics  # pylint: disable=import-outside-toplevel
+  loss = lambda name: tiny_config(**{"loss.name": name, "loss.gamma": 1.0, "loss.sigma": 1.0}).loss  # noqa: E731
+  assert metrics.loss_text(loss("cross_entropy")) == "cross_entropy"
+  assert metrics.loss_text(loss("focal")) == "focal (gamma 1.0)"
+  assert metrics.loss_text(loss("mile")) == "mile (gamma 1.0, sigma 1.0)"
+  assert metrics.eval_schedule(100, 40) == "at the last step only (40; train.eval_every=100 is beyond train.steps)"
+  assert metrics.eval_schedule(100, 250) == "every 100 steps and at the last step (250)"
+  assert metrics.eval_schedule(10, 10) == metrics.eval_schedule(10, 30) == "every 10 steps"
+  assert metrics.layers_text(tiny_config().model) == (
+      "2 layers, unrolled (model.scan_layers unset: scanned from 8 layers)")
+  assert metrics.layers_text(tiny_config(**{"model.n_layers": 8}).model).startswith("8 layers, scanned (")
+  assert metrics.layers_text(tiny_config(**{"model.scan_layers": True}).model) == "2 layers, scanned"

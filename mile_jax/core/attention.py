@@ -29,8 +29,10 @@ packed documents; all of the row when `segment_ids` is None). Implementations
   cotangent, so they add nothing to any gradient. Under a mesh the kernel
   runs in `jax.shard_map`, batch over the axes of `activation_batch` and
   heads over those of `activation_heads` (the logical rules of
-  `mile_jax.core.sharding`), each device on its own heads and rows; an axis that
-  does not divide the batch, or the query and key/value heads, is left
+  `mile_jax.core.sharding`), each device on its own heads and rows. When the
+  heads' axes divide the query heads but not the key/value heads, each
+  key/value head is repeated just enough times for them to divide those too;
+  an axis that does not divide the batch or the query heads is left
   replicated. On any backend but TPU it runs in Pallas interpret mode: the
   same kernel code as plain XLA operations, slow, for tests and planning.
 * "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's
@@ -200,6 +202,19 @@ def _mesh_axes(logical: str, mesh, *sizes: int):
   return axes
 
 
+def _repeat_kv_heads(x: jax.Array, shards: int) -> jax.Array:
+  """(B, K, T, H) keys or values with each head repeated f = shards / gcd(K, shards)
+  times in place, so that `shards` divides the head count.
+
+  Query head n reads key head n // (N / K); after the repeat it reads head
+  n // (N / (K f)), a copy of the same head, since floor(floor(n / (G / f)) / f)
+  = floor(n / G) for a group size G = N / K. f divides G whenever `shards`
+  divides N, so every device holds its query heads and the key heads they read.
+  """
+  repeat = shards // math.gcd(x.shape[1], shards)
+  return x if repeat == 1 else jnp.repeat(x, repeat, axis=1)
+
+
 def splash_attention(q, k, v, segment_ids=None, *, interpret: bool = False, block: int | None = None) -> jax.Array:
   """Causal splash attention, sharded over the current mesh (`jax.set_mesh`) when there is one.
 
@@ -214,16 +229,18 @@ def splash_attention(q, k, v, segment_ids=None, *, interpret: bool = False, bloc
     q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, padded - t), (0, 0))) for x in (q, k, v))
     if segment_ids is not None:
       segment_ids = jnp.pad(segment_ids, ((0, 0), (0, padded - t)))
-  args = (q, k, v) if segment_ids is None else (q, k, v, segment_ids.astype(jnp.int32))
+  segments = () if segment_ids is None else (segment_ids.astype(jnp.int32),)
   local = functools.partial(_splash_per_device, block=block, interpret=interpret)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    out = local(*args)
+    out = local(q, k, v, *segments)
   else:
     batch = _mesh_axes("activation_batch", mesh, b)
-    heads = _mesh_axes("activation_heads", mesh, n, k.shape[1])
+    heads = _mesh_axes("activation_heads", mesh, n)
+    if heads is not None:
+      k, v = (_repeat_kv_heads(x, math.prod(mesh.shape[a] for a in heads)) for x in (k, v))
     spec = jax.sharding.PartitionSpec(batch, heads, None, None)
     specs = (spec, spec, spec) + (() if segment_ids is None else (jax.sharding.PartitionSpec(batch, None),))
     # check_vma=False: the kernel's pallas_call outputs declare no varying mesh axes, which the check requires.
-    out = jax.shard_map(local, in_specs=specs, out_specs=spec, check_vma=False)(*args)
+    out = jax.shard_map(local, in_specs=specs, out_specs=spec, check_vma=False)(q, k, v, *segments)
   return jnp.swapaxes(out[:, :, :t], 1, 2)  # (B, T, N, H)

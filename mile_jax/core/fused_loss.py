@@ -43,6 +43,14 @@ d kernel keeps one partial sum per token shard, [P, d, V] with P sharded like
 the tokens: each device adds its own tokens' hidden^T @ dz, and the P partial
 sums are added once after the loop, where a single [d, V] contraction per
 block would be all-reduced over the devices in every block.
+
+With `kernel_shardings` (the kernel's sharding for the matmuls, typically
+gathered over fsdp, and its parameter sharding) the gather happens inside the
+custom VJP, once per call, and the summed d kernel is constrained to the
+parameter's sharding where the P partial sums are added: a reduce-scatter, so
+the float32 [d, V] gradient is never whole on a device. (Gathered outside,
+the gather's transpose would constrain the cotangent to the gathered layout
+and hold the whole gradient on every device.)
 """
 
 import dataclasses
@@ -118,6 +126,14 @@ class _Spec:
   dtype: Any
   token_shards: int = 1  # P: partial sums of d kernel, one per token shard.
   shard_axes: tuple[str, ...] = ()  # Mesh axes the tokens (and P) are split over.
+  kernel_compute: Any = None  # PartitionSpec of the kernel for the matmuls, or None.
+  kernel_grad: Any = None  # PartitionSpec of d kernel (the parameter's), or None.
+
+
+def _constrain(x: jax.Array, partition_spec) -> jax.Array:
+  if partition_spec is None or jax.sharding.get_abstract_mesh().empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, partition_spec)
 
 
 def _stats_update(carry, z: jax.Array, cols: jax.Array, y: jax.Array):
@@ -204,6 +220,7 @@ def _forward(hidden, kernel, targets, mask, spec: _Spec, with_grads: bool):
   """Loops over token blocks. Returns float32 (ce [N], entropy [N]) and, with
   `with_grads`, the numerator's (d hidden [N, d], d kernel [d, V])."""
   n, vocab = hidden.shape[0], kernel.shape[1]
+  kernel = _constrain(kernel, spec.kernel_compute)
   h_split = _split(hidden, spec.token_blocks, 0)  # (Bt, nb, d)
   y_split = _split(targets.astype(jnp.int32), spec.token_blocks, 0)  # (Bt, nb)
   # Padded tokens have mask 0, so they add nothing to the gradients.
@@ -229,8 +246,44 @@ def _forward(hidden, kernel, targets, mask, spec: _Spec, with_grads: bool):
   grads = (jnp.zeros(h_split.shape, hidden.dtype), d_kernel)
   (ce, entropy), (d_hidden, d_kernel) = jax.lax.fori_loop(0, spec.token_blocks, body, (per_token, grads))
   d_hidden = d_hidden.reshape(-1, hidden.shape[1])[:n]
-  d_kernel = d_kernel.sum(0).reshape(kernel.shape[0], -1)[:, :vocab].astype(kernel.dtype)
+  d_kernel = _sum_partials(d_kernel.reshape(spec.token_shards, kernel.shape[0], -1)[:, :, :vocab], spec)
+  d_kernel = _constrain(d_kernel.astype(kernel.dtype), spec.kernel_grad)
   return (ce.reshape(-1)[:n], entropy.reshape(-1)[:n]), (d_hidden, d_kernel)
+
+
+def _axes(entry) -> tuple[str, ...]:
+  """The mesh axes of one PartitionSpec entry, as a tuple."""
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _sum_partials(partials: jax.Array, spec: _Spec) -> jax.Array:
+  """[P, d, V] float32 partial sums of d kernel, P over the token shards -> their sum [d, V].
+
+  With the kernel's gradient sharded over some of the token axes along d
+  (FSDP: `embed` over `fsdp`), the sum over those axes is a reduce-scatter
+  (`psum_scatter`) and each device keeps only its [d / fsdp, V] slice; the
+  other token axes (`data`) are summed whole. XLA's CPU compiler does not
+  turn an all-reduce and a slice into a reduce-scatter, so it is written out.
+  """
+  if spec.kernel_grad is None or spec.token_shards == 1 or jax.sharding.get_abstract_mesh().empty:
+    return partials.sum(0)
+  d_axes, v_axes = _axes(spec.kernel_grad[0]), _axes(spec.kernel_grad[1])
+  if not set(d_axes) <= set(spec.shard_axes) or v_axes != _axes(spec.kernel_compute[1]):
+    return partials.sum(0)
+  scatter = tuple(a for a in spec.shard_axes if a in d_axes)
+  whole = tuple(a for a in spec.shard_axes if a not in d_axes)
+  v_spec = v_axes or None
+
+  def local(x):  # (1, d, V / |v_axes|): this device's token shard's partial sum.
+    x = x[0]
+    if whole:
+      x = jax.lax.psum(x, whole)
+    if scatter:
+      x = jax.lax.psum_scatter(x, scatter, scatter_dimension=0, tiled=True)
+    return x
+  P = jax.sharding.PartitionSpec  # noqa: N806
+  return jax.shard_map(local, in_specs=P(spec.shard_axes, None, v_spec), out_specs=P(scatter or None, v_spec),
+                       check_vma=False)(partials)
 
 
 def _numerator(ce, entropy, mask, spec: _Spec):
@@ -264,7 +317,7 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 def chunked_loss_sums(name: str, hidden: jax.Array, kernel: jax.Array, targets: jax.Array, mask: jax.Array,
                       *, gamma: float = 1.0, sigma: float = 1.0, block_size: int = 256,
                       vocab_block_size: int = 0, dtype: Any = None,
-                      shard_axes: tuple[str, ...] = ()) -> dict[str, jax.Array]:
+                      shard_axes: tuple[str, ...] = (), kernel_shardings=None) -> dict[str, jax.Array]:
   """`losses.loss_sums(name, hidden @ kernel, targets, mask, ...)` without the logits.
 
   Args:
@@ -281,6 +334,9 @@ def chunked_loss_sums(name: str, hidden: jax.Array, kernel: jax.Array, targets: 
     shard_axes: the axes of the current mesh (`jax.set_mesh`) that the
       tokens are split over, in contiguous runs; the kernel gradient then
       accumulates per shard and is summed over devices once. () = one sum.
+    kernel_shardings: None, or (PartitionSpec of the kernel for the matmuls,
+      PartitionSpec of its gradient) on the current mesh; see the module's
+      docstring.
 
   Returns:
     The dict of float32 scalar sums of `losses.reduce_token_losses`; only
@@ -292,7 +348,8 @@ def chunked_loss_sums(name: str, hidden: jax.Array, kernel: jax.Array, targets: 
   token_blocks = _num_blocks(flat.shape[0], block_size)
   spec = _Spec(name, float(gamma), float(sigma), token_blocks, _num_blocks(kernel.shape[1], vocab_block_size),
                jnp.dtype(hidden.dtype if dtype is None else dtype),
-               *_token_shards(shard_axes, -(-flat.shape[0] // token_blocks)))
+               *_token_shards(shard_axes, -(-flat.shape[0] // token_blocks)),
+               *(kernel_shardings or (None, None)))
   targets, mask = targets.reshape(-1), mask.reshape(-1).astype(jnp.float32)
   numerator, ce, entropy = _fused(flat, kernel, targets, mask, spec)
   sums = losses.reduce_token_losses(name, jax.lax.stop_gradient(ce), jax.lax.stop_gradient(entropy), mask,

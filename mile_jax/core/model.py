@@ -9,15 +9,19 @@ axes. Parameters are float32; the compute dtype is configurable.
 
 import dataclasses
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mile_jax.core import attention as attention_lib
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# `model.scan_layers` unset: the blocks are scanned from this depth on.
+SCAN_LAYERS_FROM = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,11 +40,15 @@ class DecoderConfig:
   dtype: str = "float32"
   remat: str = "none"
   attention: str = "auto"  # One of attention.IMPLEMENTATIONS.
+  scan_layers: bool = False  # The blocks as one nn.scan over stacked parameters (see `Decoder`).
 
   @classmethod
   def from_config(cls, model_config: Any) -> "DecoderConfig":
     # A field missing from an older run's config.json takes its default.
-    return cls(**{f.name: model_config[f.name] for f in dataclasses.fields(cls) if f.name in model_config})
+    fields = {f.name: model_config[f.name] for f in dataclasses.fields(cls) if f.name in model_config}
+    if fields.get("scan_layers", False) is None:
+      fields["scan_layers"] = fields.get("n_layers", cls.n_layers) >= SCAN_LAYERS_FROM
+    return cls(**fields)
 
   @property
   def head_dim(self) -> int:
@@ -205,7 +213,7 @@ class Block(nn.Module):
     return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
 
-def _remat_block(policy: str):
+def _remat_block(policy: str, scanned: bool):
   if policy == "none":
     return Block
   policies = {
@@ -213,7 +221,96 @@ def _remat_block(policy: str):
       "dots": jax.checkpoint_policies.checkpoint_dots,
       "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
   }
-  return nn.remat(Block, policy=policies[policy], prevent_cse=True)
+  # Inside a scan the loop already keeps XLA from merging the recomputation with the forward pass.
+  return nn.remat(Block, policy=policies[policy], prevent_cse=not scanned)
+
+
+def _scan_body(block: nn.Module, x, positions, segment_ids, attention_mask):
+  """One step of the layer scan: the residual stream is the carry."""
+  return block(x, positions, segment_ids, attention_mask), None
+
+
+def _scanned_blocks(cfg: "DecoderConfig", block_class):
+  """`block_class` applied `cfg.n_layers` times as one `nn.scan`: parameters
+  (and the decoding cache) stacked on a leading axis of logical name "layers"."""
+  return nn.scan(_scan_body, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
+                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                 metadata_params={nn.PARTITION_NAME: "layers"})
+
+
+LAYER_PREFIX = "layer_"  # Unrolled blocks are `layer_0`, `layer_1`, ...; scanned ones one stacked `layers`.
+SCANNED = "layers"
+
+
+def _layer_sharding(sharding, stacked: bool):
+  """A NamedSharding of one layer's array for the stacked array (the layer axis whole), or back."""
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return None
+  spec = tuple(sharding.spec)
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*((None, *spec) if stacked else spec[1:])))
+
+
+def _stack(leaves):
+  if all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
+    return jax.ShapeDtypeStruct((len(leaves), *leaves[0].shape), leaves[0].dtype,
+                                sharding=_layer_sharding(leaves[0].sharding, stacked=True))
+  if all(isinstance(x, jax.Array) for x in leaves):
+    return jnp.stack(leaves)
+  return np.stack([np.asarray(x) for x in leaves])
+
+
+def _unstack(x, n_layers: int):
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return [jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=_layer_sharding(x.sharding, stacked=False))] * n_layers
+  return [x[i] for i in range(n_layers)]
+
+
+def _is_layer_dict(x) -> bool:
+  return isinstance(x, Mapping) and (f"{LAYER_PREFIX}0" in x or SCANNED in x)
+
+
+def scanned_layers(tree, n_layers: int):
+  """A tree with the unrolled blocks' parameters (`layer_0` ... in any dict of it: the
+  parameters, and the optimizer's moments shaped like them) stacked into one `layers`
+  entry, each array gaining a leading (n_layers,) axis; a scanned tree is returned as is.
+  Leaves may be arrays, NumPy arrays or `jax.ShapeDtypeStruct`s."""
+  def convert(node):
+    if not _is_layer_dict(node) or SCANNED in node:
+      return node
+    layers = [node[f"{LAYER_PREFIX}{i}"] for i in range(n_layers)]
+    rest = {k: v for k, v in node.items() if not k.startswith(LAYER_PREFIX)}
+    return {**rest, SCANNED: jax.tree.map(lambda *xs: _stack(xs), *layers)}
+  return jax.tree.map(convert, tree, is_leaf=_is_layer_dict)
+
+
+def unrolled_layers(tree, n_layers: int):
+  """The inverse of `scanned_layers`: `layers` split into `layer_0` ... `layer_{n-1}`."""
+  def convert(node):
+    if not _is_layer_dict(node) or SCANNED not in node:
+      return node
+    parts = jax.tree.map(lambda x: _unstack(x, n_layers), node[SCANNED])
+    is_split = lambda x: isinstance(x, list)  # noqa: E731
+    layers = {f"{LAYER_PREFIX}{i}": jax.tree.map(lambda xs, i=i: xs[i], parts, is_leaf=is_split)
+              for i in range(n_layers)}
+    return {**{k: v for k, v in node.items() if k != SCANNED}, **layers}
+  return jax.tree.map(convert, tree, is_leaf=_is_layer_dict)
+
+
+def is_scanned(params) -> bool:
+  """Whether a parameter tree holds its blocks stacked (`layers`) rather than unrolled."""
+  return SCANNED in params
+
+
+def with_layout(tree, scanned: bool):
+  """`tree` (parameters, or a train state whose optimizer moments are shaped like
+  them) in the scanned or the unrolled layout, the number of layers read off the tree."""
+  nodes = [x for x in jax.tree.leaves(tree, is_leaf=_is_layer_dict) if _is_layer_dict(x)]
+  if not nodes or (SCANNED in nodes[0]) == scanned:
+    return tree
+  node = nodes[0]
+  if SCANNED in node:
+    return unrolled_layers(tree, jax.tree.leaves(node[SCANNED])[0].shape[0])
+  return scanned_layers(tree, sum(1 for k in node if k.startswith(LAYER_PREFIX)))
 
 
 def unembedding(cfg: DecoderConfig) -> Einsum:
@@ -239,6 +336,12 @@ class Decoder(nn.Module):
   (B, 1, T, T) bool, when given, replaces the causal and segment masks:
   query t reads key s where it is True (evaluation's shared-context rows).
 
+  With `cfg.scan_layers` the blocks run as one `nn.scan`, their parameters
+  stacked under `layers` with a leading (n_layers,) axis (logical name
+  "layers"), and the program holds one block whatever the depth; otherwise
+  they are `layer_0` ... `layer_{n-1}`. `scanned_layers` and
+  `unrolled_layers` convert a tree between the two; the math is the same.
+
   With `decode=True` attention keeps a key/value cache (see `Attention`):
   `init` on (B, S) tokens creates a cache of S slots, then each `apply` with
   `mutable=["cache"]` feeds the next tokens with their explicit `positions`.
@@ -255,9 +358,13 @@ class Decoder(nn.Module):
                      embedding_init=_init(cfg.init_std, ("vocab", "embed")), name="embed")
     x = embed(tokens)  # (B, T, D)
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-    block = Block if self.decode else _remat_block(cfg.remat)
-    for i in range(cfg.n_layers):
-      x = block(cfg, self.decode, name=f"layer_{i}")(x, positions, segment_ids, attention_mask)
+    block = Block if self.decode else _remat_block(cfg.remat, cfg.scan_layers)
+    if cfg.scan_layers:
+      x, _ = _scanned_blocks(cfg, block)(block(cfg, self.decode, name=SCANNED), x, positions, segment_ids,
+                                         attention_mask)
+    else:
+      for i in range(cfg.n_layers):
+        x = block(cfg, self.decode, name=f"{LAYER_PREFIX}{i}")(x, positions, segment_ids, attention_mask)
     x = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x)
     if return_hidden:
       return x

@@ -63,13 +63,19 @@ def _microbatches(batch: dict[str, jax.Array], count: int) -> dict[str, jax.Arra
 
 def _fold_microbatches(fn, batch: dict[str, jax.Array], count: int, combine):
   """`fn` of each of `count` strided micro-batches of `batch`, folded with
-  `combine(total, new)` in a scan; `fn(batch)` when `count` is 1."""
+  `combine(total, new)` in a scan; `fn(batch)` when `count` is 1.
+
+  The scan starts from zeros, which `combine` must take as its identity (sums
+  add; `weight_max` is a maximum of non-negative weights), so that `fn` is
+  traced once: the step's program holds each layer's computation once
+  whatever the number of micro-batches.
+  """
   if count == 1:
     return fn(batch)
   mbs = _microbatches(batch, count)
-  total = fn(jax.tree.map(lambda x: x[0], mbs))
-  rest = jax.tree.map(lambda x: x[1:], mbs)
-  total, _ = jax.lax.scan(lambda t, mb: (combine(t, fn(mb)), None), total, rest)
+  shapes = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], mbs))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  total, _ = jax.lax.scan(lambda t, mb: (combine(t, fn(mb)), None), zeros, mbs)
   return total
 
 
@@ -85,13 +91,13 @@ def loss_sums_fn(params, batch, *, model: nn.Module, loss_config: Any) -> dict[s
   if not chunked:
     return losses.loss_sums(loss_config.name, out, batch["targets"], batch["mask"],
                             gamma=loss_config.gamma, sigma=loss_config.sigma)
-  # Gathered over fsdp once here, rather than inside every block of the loss.
-  kernel = nn.with_logical_constraint(params["lm_head"]["kernel"], (None, "activation_vocab"))
+  # Gathered over fsdp once per call, not in every block; its gradient reduce-scattered back.
+  kernel_shardings = (nn.logical_to_mesh_axes((None, "activation_vocab")), nn.logical_to_mesh_axes(("embed", "vocab")))
   return fused_loss.chunked_loss_sums(
-      loss_config.name, out, kernel, batch["targets"], batch["mask"], gamma=loss_config.gamma,
+      loss_config.name, out, params["lm_head"]["kernel"], batch["targets"], batch["mask"], gamma=loss_config.gamma,
       sigma=loss_config.sigma, block_size=loss_config.block_size,
       vocab_block_size=loss_config.vocab_block_size, dtype=model.cfg.compute_dtype,
-      shard_axes=sharding.BATCH_AXES)
+      shard_axes=sharding.BATCH_AXES, kernel_shardings=kernel_shardings)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,

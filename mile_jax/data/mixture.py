@@ -120,6 +120,9 @@ def parse(source: str) -> list[Component]:
       _fail(f"mixture component {attr} {twice[0]!r} appears twice"
             + ("; tell them apart with name=source@weight" if attr == "name" else ""))
   total = sum(c.weight for c in components)
+  if not math.isfinite(total):
+    _fail(f"the mixture weights ({', '.join(f'{c.weight:g}' for c in components)}) add up to more than the "
+          "largest float; scale them down (only their ratios matter)")
   for c in components:
     if c.weight / total < 1.0 / UNITS:
       _fail(f"mixture component {c.name!r} has weight {c.weight:g} of a total {total:g}, below 2**-20 of it; "

@@ -5,7 +5,12 @@ block (``data.txt_documents``); a ``.jsonl`` file holds one JSON object per
 line whose ``data.text_field`` is the document. Bytes that are not UTF-8 are
 replaced by U+FFFD or the document is skipped (``data.decode_errors``); empty
 and all-whitespace documents are skipped. Both are counted in ``ReadStats``.
-Any other problem is a ``ConfigError`` naming the file and the setting.
+A ``.txt`` file of which more than ``NOT_TEXT_SHARE`` of the characters are
+invalid UTF-8 or control characters (a binary file matched by the glob) is
+not text: a ``ConfigError`` names it, rather than a tokenizer trained on its
+bytes. Any other problem is a ``ConfigError`` naming the file and the setting.
+A file reached by several paths (symbolic links, a link back to a directory
+above) is read once, under its shortest path.
 """
 
 from __future__ import annotations
@@ -27,6 +32,11 @@ TXT_DOCUMENTS = ("file", "blank_line")
 DECODE_ERRORS = ("replace", "skip")
 # A line holding only whitespace separates blocks, as an empty line does.
 _BLANK_LINE = re.compile(rb"\r?\n[ \t\r\f\v]*\r?\n")
+# Characters no text holds more than a few of: U+FFFD (invalid UTF-8 replaced) and C0 controls but
+# tab, newline, vertical tab, form feed and carriage return.
+_NOT_TEXT_CHARS = re.compile("[\ufffd\x00-\x08\x0e-\x1f\x7f]")
+_CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0e-\x1f\x7f]")
+NOT_TEXT_SHARE = 0.25  # of a file's characters; random bytes give about half, a few bad bytes in a text far less
 
 
 @dataclasses.dataclass
@@ -45,14 +55,23 @@ class ReadStats:
 
 
 def list_files(pattern: str) -> list[str]:
-  """Regular files matching ``pattern`` (``**`` recurses), sorted.
+  """Regular files matching ``pattern`` (``**`` recurses), sorted, each file once.
+
+  A file matched under several paths (symbolic links; ``**`` through a link to
+  a directory above, which glob follows round the loop) is listed once, by its
+  shortest path (fewest parts, then first in order).
 
   Raises:
     ConfigError: if nothing matches, or a match has an unknown format.
   """
-  paths = sorted(
-      p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
-  )
+  shortest = {}  # real path -> path listed
+  for p in glob.glob(os.path.expanduser(pattern), recursive=True):
+    if os.path.isfile(p):
+      real = os.path.realpath(p)
+      kept = shortest.get(real)
+      if kept is None or (p.count(os.sep), p) < (kept.count(os.sep), kept):
+        shortest[real] = p
+  paths = sorted(shortest.values())
   if not paths:
     raise ConfigError(f"data.source: no files match {pattern!r}")
   for path in paths:
@@ -85,6 +104,20 @@ def _read_bytes(path: str) -> bytes:
     raise ConfigError(f"data.source: cannot read {path!r}: {e}") from None
 
 
+def _check_text(path: str, data: bytes) -> None:
+  """Raises ConfigError naming ``path`` when ``data`` (its bytes) is not text (see ``NOT_TEXT_SHARE``)."""
+  try:
+    text = data.decode("utf-8")
+    bad = len(_CONTROL_BYTES.findall(data))
+  except UnicodeDecodeError:
+    text = data.decode("utf-8", errors="replace")
+    bad = len(_NOT_TEXT_CHARS.findall(text))
+  if text and bad > NOT_TEXT_SHARE * len(text):
+    raise ConfigError(
+        f"data.source: {path!r} is not UTF-8 text ({bad / len(text):.0%} of its characters are invalid UTF-8 or "
+        f"control characters); remove it, or narrow the pattern of data.source to the text files")
+
+
 def _decode(data: bytes, decode_errors: str, stats: ReadStats) -> str | None:
   """``data`` as text, or None when it is to be skipped (and counted)."""
   try:
@@ -102,6 +135,7 @@ def _raw_documents(path: str, txt_documents: str, text_field: str, decode_errors
   """``(local id, text)`` of one file's documents, before empty ones are dropped."""
   data = _read_bytes(path)
   if file_format(path) == "text":
+    _check_text(path, data)
     if txt_documents == "file" or not data.strip():
       blocks = [data]  # an all-blank file counts as one empty document
     else:  # blank lines at the file's start and end separate nothing

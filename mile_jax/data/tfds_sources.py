@@ -7,6 +7,14 @@ from the TFDS catalog, are read by random access through
 ``builder.as_data_source()``, which needs no TensorFlow.
 tensorflow_datasets is imported only when a ``files:`` or ``tfds:`` source is
 used.
+
+TFDS's own lines about a dataset it opens or prepares (absl warnings such as
+"Using custom data configuration" or "Variant folder ... has no
+dataset_info.json", and the printed "Downloading and preparing dataset" of a
+preparation that downloads nothing) say nothing the user must act on: they
+are dropped (`_quiet_tfds`, and the builder's no-op `_log_download_*`); what
+was prepared is logged here at INFO. The messages of a real download (a
+catalog dataset with ``data.tfds_download``) are left as TFDS prints them.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -34,6 +43,27 @@ def _tfds():
 
   tfds.disable_progress_bar()
   return tfds
+
+
+class _DropTfdsNotices(logging.Filter):
+  """Drops records below ERROR logged from TFDS's own code."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR or f"{os.sep}tensorflow_datasets{os.sep}" not in record.pathname
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+  """Within: TFDS's warnings and infos (absl's logger, and the root logger) are dropped; errors pass."""
+  drop = _DropTfdsNotices()
+  loggers = [logging.getLogger("absl"), logging.getLogger()]
+  for logger in loggers:
+    logger.addFilter(drop)
+  try:
+    yield
+  finally:
+    for logger in loggers:
+      logger.removeFilter(drop)
 
 
 class TextSequence(Sequence):
@@ -118,6 +148,12 @@ def _make_builder_class():
       self._metadata = tfds.core.MetadataDict()
       super().__init__(**kwargs)
 
+    def _log_download_bytes(self) -> None:
+      pass  # TFDS prints "Downloading and preparing dataset Unknown size": nothing is downloaded.
+
+    def _log_download_done(self) -> None:
+      pass  # `prepare_files` logs what was prepared.
+
     def _info(self):
       features = tfds.features.FeaturesDict({"id": tfds.features.Text(), "text": tfds.features.Text()})
       return tfds.core.DatasetInfo(builder=self, features=features, metadata=self._metadata)
@@ -169,14 +205,17 @@ def prepare_files(pattern: str, data_dir: str, *, txt_documents: str, text_field
   blob = json.dumps([root, listing, read_options, val_fraction], sort_keys=True)
   config_name = "c" + hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
   tfds = _tfds()
-  builder = _make_builder_class()(
-      paths=paths, root=root, read_options=read_options, val_fraction=val_fraction, pattern=pattern,
-      config=tfds.core.BuilderConfig(name=config_name, description=f"files {pattern}"),
-      data_dir=data_dir, file_format="array_record")
-  if not builder.is_prepared():
-    builder.download_and_prepare()
+  with _quiet_tfds():
+    builder = _make_builder_class()(
+        paths=paths, root=root, read_options=read_options, val_fraction=val_fraction, pattern=pattern,
+        config=tfds.core.BuilderConfig(name=config_name, description=f"files {pattern}"),
+        data_dir=data_dir, file_format="array_record")
+    prepared = builder.is_prepared()
+    if not prepared:
+      builder.download_and_prepare()
+  if not prepared:
     meta = dict(builder.info.metadata or {})
-    logging.warning(
+    logging.info(
         "Prepared %d documents (%d characters) from %d files matching %r into %s; skipped %d empty "
         "documents; invalid UTF-8: %d documents replaced, %d skipped",
         meta.get("documents", 0), meta.get("characters", 0), len(paths), pattern, builder.data_dir,
@@ -212,8 +251,10 @@ def prepared_builder(name: str, data_dir: str, *, setting: str, download: bool =
   """
   tfds = _tfds()
   try:
-    builder = tfds.builder(name, data_dir=data_dir or None)
-    if not builder.is_prepared():
+    with _quiet_tfds():  # A dataset not (yet) prepared there is ours to report.
+      builder = tfds.builder(name, data_dir=data_dir or None)
+      prepared = builder.is_prepared()
+    if not prepared:
       if not download:
         raise ConfigError(
             f"{setting}: TFDS dataset {name!r} is not prepared in {builder.data_dir_root}; "

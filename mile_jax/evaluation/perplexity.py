@@ -55,7 +55,7 @@ def bucket_sums(params, batch, bucket_of_id, *, model, num_buckets: int) -> dict
           "row_tokens": jnp.sum(weights, axis=1)}
 
 
-def row_moments(row_ce: np.ndarray, row_tokens: np.ndarray) -> dict[str, np.ndarray]:
+def row_moments(row_ce: np.ndarray, row_tokens: np.ndarray, rows: int | None = None) -> dict[str, np.ndarray]:
   """The additive row statistics `summarize` needs: float64 (K, K) cross-bucket
   products summed over rows (so that any set of buckets, whose row sums are
   sums over its buckets, gets its own), and the row count (K,).
@@ -63,10 +63,12 @@ def row_moments(row_ce: np.ndarray, row_tokens: np.ndarray) -> dict[str, np.ndar
   Args:
     row_ce: (rows, K) each row's cross-entropy sum per bucket.
     row_tokens: (rows, K) each row's token count per bucket.
+    rows: the rows to count, default all; padding rows (all zeros, so they add
+      nothing to the sums) are left out of the count this way.
   """
   y, n = np.asarray(row_ce, np.float64), np.asarray(row_tokens, np.float64)
   return {"row_ce_sq_sum": y.T @ y, "row_ce_tokens_sum": y.T @ n, "row_tokens_sq_sum": n.T @ n,
-          "rows": np.full(y.shape[1], float(y.shape[0]))}
+          "rows": np.full(y.shape[1], float(y.shape[0] if rows is None else rows))}
 
 
 @functools.lru_cache(maxsize=8)
@@ -78,34 +80,53 @@ def _sums_fn(model, num_buckets: int, mesh: jax.sharding.Mesh):
                  out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
+def _process_share(mesh: jax.sharding.Mesh) -> tuple[int, int]:
+  """(index, count) of this process among the processes whose devices make up
+  `mesh`: each feeds its share of every batch; a mesh of one process's devices
+  (eval.py's) gets the whole batch from it."""
+  processes = sorted({int(d.process_index) for d in mesh.devices.flat})
+  return processes.index(jax.process_index()), len(processes)
+
+
 def evaluate(loaded: ModelOnMesh, dataset: Any, *, batch_size: int, max_batches: int = 0,
              bucket_of_id: np.ndarray | None = None, num_buckets: int = 1, desc: str = "ppl",
              progress: bool = True) -> dict[str, np.ndarray]:
   """Sums (float64) over `dataset.batch(0..)` of `batch_size` rows: those of
   `bucket_sums`, (num_buckets,), and in place of its per-row arrays, `row_moments`.
 
-  One pass over the dataset's rows (whole batches only), or `max_batches`
-  batches when that is positive. `progress`: show a progress bar.
+  One pass over every row of the dataset (`dataset.rows_per_epoch`), or the
+  first `max_batches` batches of that pass when `max_batches` is positive. A
+  last batch that the rows do not fill is padded with rows of mask 0 (read
+  from the next epoch, so of the same shape; they add no token and are not
+  counted as rows). `progress`: show a progress bar.
   """
   dp = sharding.data_parallel_size(loaded.mesh)
   if batch_size % dp:
     raise EvalError(f"--batch_size={batch_size} must be a multiple of the data-parallel size {dp}")
-  available = dataset.rows_per_epoch // batch_size
-  if available == 0:
-    raise EvalError(f"--batch_size={batch_size}: the text packs into only {dataset.rows_per_epoch} rows; "
-                    f"lower --batch_size")
+  rows = dataset.rows_per_epoch
+  if rows < batch_size:
+    raise EvalError(f"--batch_size={batch_size}: the text packs into only {rows} rows; lower --batch_size")
+  available = -(-rows // batch_size)
   count = min(available, max_batches) if max_batches > 0 else available
   if bucket_of_id is None:
     bucket_of_id = np.zeros(loaded.config.model.vocab_size, np.int32)
   fn = _sums_fn(loaded.model, num_buckets, loaded.mesh)
   buckets = jnp.asarray(bucket_of_id, jnp.int32)
+  index, processes = _process_share(loaded.mesh)
+  per_process = batch_size // processes
   totals = None
   with loaded.context():
     for step in tqdm.trange(count, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
-      local = dataset.batch(step, batch_size, jax.process_index(), jax.process_count())
+      local = dataset.batch(step, batch_size, index, processes)
+      # Global row of each local row: step * B + index * B/P + i (the shares concatenated in process order).
+      first = step * batch_size + index * per_process
+      beyond = first + np.arange(per_process) >= rows  # (B/P,): padding rows, past the last real row
+      if beyond.any():
+        local["mask"] = np.where(beyond[:, None], 0.0, local["mask"]).astype(local["mask"].dtype)
       sums = jax.device_get(fn(loaded.params, sharding.make_global_batch(local, loaded.mesh), buckets))
       sums = {k: np.asarray(v, np.float64) for k, v in sums.items()}
-      sums.update(row_moments(sums.pop("row_ce"), sums.pop("row_tokens")))
+      sums.update(row_moments(sums.pop("row_ce"), sums.pop("row_tokens"),
+                              rows=min(batch_size, rows - step * batch_size)))
       totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
   return totals
 

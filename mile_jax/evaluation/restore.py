@@ -1,9 +1,9 @@
-"""Loads a trained run (config, tokenizer, parameters) onto this machine's devices.
+"""Loads a trained run (config, tokenizer, parameters) onto this process's devices.
 
 A run's workdir holds `config.json`, `tokenizer.model`, `token_counts.npy` and
 `checkpoints/<step>/`. The train state is restored through the same model
 code and sharding rules as training, onto a mesh built from whatever devices
-this machine has (`mesh_shape`, default all devices in FSDP), so a checkpoint
+this process has (`mesh_shape`, default all of them in FSDP), so a checkpoint
 written on a pod restores on one CPU. Only the parameters are read
 (`Checkpointer.restore_params`): the optimizer state, twice the parameters'
 size under AdamW, stays on disk.
@@ -11,6 +11,7 @@ size under AdamW, stays on disk.
 
 import dataclasses
 import hashlib
+import io
 import json
 from typing import Any, Sequence
 
@@ -40,16 +41,41 @@ class Restored(ModelOnMesh):
   config_hash: str
 
   def token_counts(self) -> np.ndarray:
-    """int64 [vocab]: training-split occurrences of each token id."""
-    path = workdir_lib.join(self.workdir, "token_counts.npy")
-    if not workdir_lib.path(path).is_file():
-      raise EvalError(f"{path} is missing: the bucket analysis needs the training token counts "
-                      f"that train.py writes into the workdir")
-    with workdir_lib.path(path).open("rb") as f:
-      counts = np.load(f)
-    if counts.shape != (self.config.model.vocab_size,):
-      raise EvalError(f"{path}: expected {self.config.model.vocab_size} counts, found shape {counts.shape}")
-    return counts
+    """int64 [vocab]: training-split occurrences of each token id (`load_token_counts`)."""
+    return load_token_counts(self.workdir, self.config.model.vocab_size)
+
+
+def load_token_counts(workdir: str, vocab_size: int) -> np.ndarray:
+  """int64 [vocab_size]: the training-split occurrences of each token id that
+  train.py saved in `<workdir>/token_counts.npy`.
+
+  Raises:
+    EvalError: naming token_counts.npy when it is missing, cannot be read as a
+      NumPy array, or is not `vocab_size` non-negative integer counts with a
+      positive sum.
+  """
+  path = workdir_lib.join(workdir, "token_counts.npy")
+  fix = "copy the run's token_counts.npy back (train.py writes it into the workdir when it starts)"
+  if not workdir_lib.path(path).is_file():
+    raise EvalError(f"{path} is missing: the bucket analysis needs the training token counts "
+                    f"that train.py writes into the workdir")
+  raw = workdir_lib.path(path).read_bytes()
+  try:
+    if not raw.startswith(b"\x93NUMPY"):
+      raise ValueError("it does not start with the .npy header")
+    counts = np.load(io.BytesIO(raw), allow_pickle=False)
+  except (ValueError, EOFError) as e:  # No or a damaged header, a cut-short body, a pickled object.
+    why = str(e).splitlines()[0][:200] if str(e) else "it is cut short"
+    raise EvalError(f"{path} is not a readable NumPy array of token counts ({why}); {fix}") from None
+  if not isinstance(counts, np.ndarray) or counts.shape != (vocab_size,):
+    raise EvalError(f"{path}: expected {vocab_size} token counts (model.vocab_size), found shape "
+                    f"{getattr(counts, 'shape', None)}; {fix}")
+  if not np.issubdtype(counts.dtype, np.integer):
+    raise EvalError(f"{path}: expected integer token counts, found dtype {counts.dtype}; {fix}")
+  if counts.min() < 0 or counts.sum() == 0:
+    raise EvalError(f"{path}: expected non-negative token counts with a positive sum, found smallest "
+                    f"{counts.min()}, sum {counts.sum()}; {fix}")
+  return counts.astype(np.int64)
 
 
 def config_hash(config_json: dict) -> str:
@@ -95,7 +121,15 @@ def load_config(workdir: str) -> tuple[ml_collections.ConfigDict, dict]:
   path = workdir_lib.join(workdir, "config.json")
   if not workdir_lib.path(path).is_file():
     raise EvalError(f"{path} is missing: eval.py needs the config.json that train.py writes into the workdir")
-  config_json = json.loads(workdir_lib.path(path).read_text())
+  fix = ("copy back the config.json that train.py wrote for this run (each checkpoint saves it too: "
+         "mile_jax.run.checkpoint.Checkpointer.restore_config)")
+  try:
+    config_json = json.loads(workdir_lib.path(path).read_text(encoding="utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    where = f"line {e.lineno} column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else str(e)
+    raise EvalError(f"{path} is not valid JSON ({where}); {fix}") from None
+  if not isinstance(config_json, dict) or not isinstance(config_json.get("model"), dict):
+    raise EvalError(f"{path} is not a run's config (a JSON object with a 'model' section); {fix}")
   return ml_collections.ConfigDict(config_json), config_json
 
 
@@ -106,7 +140,11 @@ def restore(path: str, step: int | None = None, mesh_shape: Sequence[int] = DEFA
   Args:
     path: a workdir, its `checkpoints/` directory or one `checkpoints/<step>/`.
     mesh_shape: (data, fsdp, tensor) over `devices`; one -1 allowed.
-    devices: default all of this process's devices.
+    devices: default this process's devices (`jax.local_devices()`). eval.py
+      is one process: its scorers build every batch whole on the host and
+      hand it over as this process's rows, which is right only on a mesh of
+      this process's devices (in a multi-process runtime, each process would
+      evaluate alone on its own devices).
   Raises:
     EvalError: naming the directory, file or flag to fix, before any compile.
   """
@@ -117,7 +155,7 @@ def restore(path: str, step: int | None = None, mesh_shape: Sequence[int] = DEFA
     raise EvalError(f"{tokenizer_path} is missing: eval.py needs the tokenizer that train.py writes into the workdir")
   tokenizer = load_run_tokenizer(tokenizer_path, config.model.vocab_size)
   try:
-    mesh = sharding.make_mesh(mesh_shape, devices)
+    mesh = sharding.make_mesh(mesh_shape, jax.local_devices() if devices is None else devices)
   except ValueError as e:
     raise EvalError(f"--mesh_shape: {e}") from None
   rules = sharding.rules_tuple(config.mesh.rules)

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 import jax
 import ml_collections
+import numpy as np
 
 from mile_jax import data as data_lib
 from mile_jax.errors import ConfigError
@@ -40,11 +41,12 @@ class EvalOptions:
   max_gen_toks: int = 256
   mesh_shape: Sequence[int] = restore_lib.DEFAULT_MESH_SHAPE
   output: str = ""  # "": <workdir>/eval/step<N>_<time>.json
-  devices: Sequence[Any] | None = None
+  log_samples: bool = False  # also write each benchmark document's record beside the output (report.samples_path)
+  devices: Sequence[Any] | None = None  # None: this process's devices
 
 
 def _check(opts: EvalOptions) -> list[str]:
-  """Every check that needs no model: task names, task files, bucket settings."""
+  """Every check that needs no model: task names, task files, numeric flags, bucket settings."""
   names = tasks_lib.parse_task_names(opts.tasks)
   if opts.num_fewshot is not None and opts.num_fewshot < 0:
     raise EvalError(f"--num_fewshot: must be >= 0, got {opts.num_fewshot}")
@@ -52,6 +54,16 @@ def _check(opts: EvalOptions) -> list[str]:
     raise EvalError(f"--limit: must be >= 0, got {opts.limit}")
   if opts.batch_size < 1:
     raise EvalError(f"--batch_size: must be >= 1, got {opts.batch_size}")
+  if opts.ppl_batches < 0:
+    raise EvalError(f"--ppl_batches: must be >= 0 (0 = the whole validation split), got {opts.ppl_batches}")
+  if opts.max_gen_toks < 1:
+    raise EvalError(f"--max_gen_toks: must be >= 1, got {opts.max_gen_toks}")
+  shape = tuple(opts.mesh_shape)
+  if len(shape) != 3 or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise EvalError(f"--mesh_shape: expected three sizes (data, fsdp, tensor), positive or one -1, "
+                    f"got {','.join(map(str, shape))}")
+  if opts.log_samples and not any(n in tasks_lib.TASKS for n in names):
+    raise EvalError(f"--log_samples: writes benchmark documents, but --tasks={opts.tasks} has no benchmark")
   task_eval.check([n for n in names if n in tasks_lib.TASKS], num_fewshot=opts.num_fewshot,
                   task_source=opts.task_source, task_data_dir=opts.task_data_dir, tfds_data_dir=opts.tfds_data_dir)
   if "buckets" in names:
@@ -76,11 +88,14 @@ def _text_dataset(restored: restore_lib.Restored, opts: EvalOptions):
     raise EvalError(f"{where}: {e}") from None
 
 
-def text_metrics(restored, names: Sequence[str], opts: EvalOptions) -> dict[str, dict]:
+def text_metrics(restored, names: Sequence[str], opts: EvalOptions,
+                 token_counts: np.ndarray | None = None) -> dict[str, dict]:
+  """The entries of `ppl` and `buckets` (`token_counts`: default the workdir's)."""
   dataset = _text_dataset(restored, opts)
   out = {}
   if "buckets" in names:
-    bucket_of_id = buckets_lib.frequency_buckets(restored.token_counts(), opts.bucket_high, opts.bucket_low)
+    counts = restored.token_counts() if token_counts is None else token_counts
+    bucket_of_id = buckets_lib.frequency_buckets(counts, opts.bucket_high, opts.bucket_low)
     sums = perplexity.evaluate(restored, dataset, batch_size=opts.batch_size, max_batches=opts.ppl_batches,
                                bucket_of_id=bucket_of_id, num_buckets=len(buckets_lib.BUCKET_NAMES),
                                desc="ppl+buckets")
@@ -89,7 +104,8 @@ def text_metrics(restored, names: Sequence[str], opts: EvalOptions) -> dict[str,
     sums = perplexity.evaluate(restored, dataset, batch_size=opts.batch_size, max_batches=opts.ppl_batches)
   overall = perplexity.summarize(sums)
   if "ppl" in names:
-    out["ppl"] = {"version": "1", "num_examples": int(overall["tokens"]), "num_fewshot": 0, "metrics": {
+    out["ppl"] = {"version": "1", "num_examples": int(overall["tokens"]), "num_fewshot": 0,
+                  "rows": int(np.max(sums["rows"])), "metrics": {
         "perplexity": {"value": overall["perplexity"], "stderr": overall["perplexity_stderr_rows"]},
         "ce": {"value": overall["ce"], "stderr": overall["ce_stderr_rows"]},
         "tokens": {"value": overall["tokens"], "stderr": None}}}
@@ -100,23 +116,29 @@ def text_metrics(restored, names: Sequence[str], opts: EvalOptions) -> dict[str,
   return out
 
 
-def score_tasks(lm: lm_lib.LanguageModel, names: Sequence[str], opts: EvalOptions) -> dict[str, dict]:
-  """Runs the benchmarks `names` (all their sub-tasks); {name: result entry}."""
+def score_tasks(lm: lm_lib.LanguageModel, names: Sequence[str], opts: EvalOptions,
+                samples: dict[str, list[dict]] | None = None) -> dict[str, dict]:
+  """Runs the benchmarks `names` (all their sub-tasks); {name: result entry}.
+  `samples`: see `task_eval.score_all`."""
   tasks = [tasks_lib.TASKS[n] for n in names]
   prepared = [task_eval.prepare(t, num_fewshot=task_eval.fewshot_for(t, opts.num_fewshot), limit=opts.limit,
                                 task_source=opts.task_source, task_data_dir=opts.task_data_dir,
                                 tfds_data_dir=opts.tfds_data_dir) for t in tasks]
-  return dict(zip(names, task_eval.score_all(lm, prepared, opts.max_gen_toks)))
+  return dict(zip(names, task_eval.score_all(lm, prepared, opts.max_gen_toks, samples)))
 
 
-def evaluate(opts: EvalOptions) -> dict:
-  """Checks the inputs, restores the checkpoint, runs the tasks; returns the result dict."""
+def evaluate(opts: EvalOptions, samples: dict[str, list[dict]] | None = None, check_output: bool = False) -> dict:
+  """Checks the inputs, restores the checkpoint, runs the tasks; returns the
+  result dict (and fills `samples`, when given, as `task_eval.score_all` does).
+  `check_output`: also check, before loading anything, that the result file
+  can be written (`--output`, default under `<workdir>/eval/`)."""
   names = _check(opts)
-  workdir, _, _ = restore_lib.locate(opts.workdir, opts.step)
-  counts_path = workdir_lib.join(workdir, "token_counts.npy")
-  if "buckets" in names and not workdir_lib.path(counts_path).is_file():
-    raise EvalError(f"{counts_path} is missing: the bucket analysis needs the "
-                    f"training token counts that train.py writes into the workdir")
+  workdir, _, step = restore_lib.locate(opts.workdir, opts.step)
+  if check_output:
+    report.check_output(opts.output or workdir_lib.join(workdir, "eval", f"step{step}_<time>.json"))
+  counts = None
+  if "buckets" in names:  # Read and checked before the model is loaded.
+    counts = restore_lib.load_token_counts(workdir, restore_lib.load_config(workdir)[0].model.vocab_size)
   restored = restore_lib.restore(opts.workdir, opts.step, opts.mesh_shape, opts.devices)
   result = {"workdir": restored.workdir, "step": restored.step, "config_hash": restored.config_hash,
             "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -124,18 +146,22 @@ def evaluate(opts: EvalOptions) -> dict:
             "harness": tasks_lib.HARNESS_VERSION, "tasks": {}}
   text = [n for n in names if n in tasks_lib.TEXT_METRICS]
   if text:
-    result["tasks"].update(text_metrics(restored, text, opts))
+    result["tasks"].update(text_metrics(restored, text, opts, counts))
   benchmarks = [n for n in names if n in tasks_lib.TASKS]
   if benchmarks:
     lm = lm_lib.LanguageModel(restored, batch_size=opts.batch_size)
-    result["tasks"].update(score_tasks(lm, benchmarks, opts))
+    result["tasks"].update(score_tasks(lm, benchmarks, opts, samples))
   return result
 
 
 def evaluate_and_report(opts: EvalOptions, echo=print) -> str:
-  """`evaluate`, then writes the JSON file and prints the table; returns the file's path."""
-  result = evaluate(opts)
+  """`evaluate`, then writes the JSON file (and with `log_samples`, the
+  samples files beside it) and prints the table; returns the file's path."""
+  samples = {} if opts.log_samples else None
+  result = evaluate(opts, samples, check_output=True)
   path = report.write_json(result, opts.output or report.default_path(result))
   echo(report.markdown(result))
   echo(f"\nWrote {path}")
+  for samples_file in report.write_samples(samples or {}, path):
+    echo(f"Wrote {samples_file}")
   return path

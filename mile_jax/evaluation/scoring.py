@@ -6,7 +6,13 @@
   leading target delimiter).
 * exact_match (TriviaQA): the generation, stripped of surrounding whitespace,
   equals one of the reference aliases after lower-casing both and deleting
-  ASCII punctuation.
+  ASCII punctuation, done as the harness does it: on NumPy fixed-width string
+  arrays (`np.char.lower`, `np.char.translate`), the aliases in one array and
+  the generation repeated in another. An array keeps its width, the length of
+  its longest string, when lower-casing makes a string longer ("İ" becomes
+  "i" + U+0307), so the lower-cased string is cut to that width: both sides
+  are cut alike only when they are equally wide, and the score can differ
+  from Python's `str.lower` either way.
 * Standard error of a mean: sample standard deviation (ddof=1) / sqrt(n).
   A size-weighted group mean (MMLU) gets the pooled standard error.
 """
@@ -27,14 +33,21 @@ def multiple_choice(logliks: Sequence[float], choices: Sequence[str], gold: int)
   return {"acc": float(int(np.argmax(lls)) == gold), "acc_norm": float(int(np.argmax(lls / lengths)) == gold)}
 
 
-def normalize_answer(text: str) -> str:
-  return text.lower().translate(_PUNCTUATION)
+def normalize_answers(texts: Sequence[str]) -> np.ndarray:
+  """The texts as one NumPy string array (dtype width: the longest text),
+  lower-cased and without ASCII punctuation, each cut to that width."""
+  return np.char.translate(np.char.lower(np.asarray(list(texts))), table=_PUNCTUATION)
 
 
 def exact_match(prediction: str, aliases: Sequence[str]) -> float:
-  """1.0 if the stripped prediction matches any alias (case and punctuation ignored)."""
-  pred = normalize_answer(prediction.strip())
-  return float(any(pred == normalize_answer(a) for a in aliases))
+  """1.0 if the stripped prediction matches any alias (case and punctuation
+  ignored), on the harness's arrays: the aliases in one, the prediction
+  repeated once per alias in the other (see the module docstring)."""
+  aliases = list(aliases)
+  if not aliases:
+    return 0.0
+  pred = prediction.strip()
+  return float(np.any(normalize_answers([pred] * len(aliases)) == normalize_answers(aliases)))
 
 
 def truncate_at_stop(text: str, until: Sequence[str]) -> str:

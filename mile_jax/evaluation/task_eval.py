@@ -89,7 +89,8 @@ def score(lm, prepared: PreparedTask, max_gen_toks: int = 256) -> dict:
   return score_all(lm, [prepared], max_gen_toks)[0]
 
 
-def score_all(lm, prepared: Sequence[PreparedTask], max_gen_toks: int = 256) -> list[dict]:
+def score_all(lm, prepared: Sequence[PreparedTask], max_gen_toks: int = 256,
+              samples: dict[str, list[dict]] | None = None) -> list[dict]:
   """Runs the prepared tasks (all their sub-tasks) on `lm` (a `lm.LanguageModel`)
   and returns one result entry per task: `version`, `num_examples`,
   `num_fewshot`, `metrics` {name: {value, stderr}}, `source`, and `subtasks` for
@@ -98,6 +99,9 @@ def score_all(lm, prepared: Sequence[PreparedTask], max_gen_toks: int = 256) -> 
   The log-likelihood requests of every multiple-choice task and sub-task go
   through one `lm.loglikelihood` call: one row width, so one compile for all of
   them, and rows packed across tasks.
+
+  `samples`, when given, receives {task name: one record per scored document}
+  (`sample_record`).
   """
   choice = [e for p in prepared if p.task.output != "generate_until" for _, examples in p.subtasks for e in examples]
   names = ", ".join(p.task.name for p in prepared if p.task.output != "generate_until")
@@ -106,20 +110,48 @@ def score_all(lm, prepared: Sequence[PreparedTask], max_gen_toks: int = 256) -> 
   entries = []
   for p in prepared:
     task, subtasks = p.task, {}
+    records = samples.setdefault(task.name, []) if samples is not None else None
     for sub_name, examples in p.subtasks:
       per_doc: dict[str, list[float]] = {m: [] for m in task.metrics}
       if task.output == "generate_until":
         outputs = lm.generate_until([e.prompt for e in examples], task.until, max_gen_toks, desc=sub_name)
         per_doc["exact_match"] = [scoring.exact_match(o, e.gold) for o, e in zip(outputs, examples)]
+        if records is not None:
+          records += [sample_record(sub_name, i, e, {"exact_match": score}, generation=o)
+                      for i, (e, o, score) in enumerate(zip(examples, outputs, per_doc["exact_match"]))]
       else:
-        for e in examples:
-          scores = scoring.multiple_choice([next(results)[0] for _ in e.requests], e.choices, e.gold)
+        for i, e in enumerate(examples):
+          answers = [next(results) for _ in e.requests]
+          scores = scoring.multiple_choice([logp for logp, _ in answers], e.choices, e.gold)
           for m in task.metrics:
             per_doc[m].append(scores[m])
+          if records is not None:
+            records.append(sample_record(sub_name, i, e, {m: scores[m] for m in task.metrics}, answers=answers))
       subtasks[sub_name] = {"version": task.version, "num_examples": len(examples), "num_fewshot": p.num_fewshot,
                             "metrics": {m: _metric(v) for m, v in per_doc.items()}}
     entries.append(_entry(p, subtasks))
   return entries
+
+
+def sample_record(task: str, doc_id: int, example: tasks_lib.Example, scores: dict[str, float], *,
+                  answers: Sequence[tuple[float, bool]] = (), generation: str | None = None) -> dict:
+  """What `--log_samples` writes for one document (the fields of the harness's
+  samples files, named for what they hold): `task` (MMLU: the subject's
+  sub-task), `doc_id` (its index in the sub-task), `doc`, `target` (the gold
+  choice's index, or the reference answers), then for multiple choice
+  `arguments` ([context, continuation] per choice), `choices`,
+  `loglikelihoods` and `is_greedy` per choice; for generation `prompt`,
+  `generation` (cut before the first stop sequence) and `answer` (stripped:
+  what is compared); and the document's score per metric."""
+  record: dict = {"task": task, "doc_id": doc_id, "doc": example.doc, "target": example.gold}
+  if generation is None:
+    record.update(arguments=[list(r) for r in example.requests], choices=list(example.choices),
+                  loglikelihoods=[float(logp) for logp, _ in answers],
+                  is_greedy=[bool(greedy) for _, greedy in answers])
+  else:
+    record.update(prompt=example.prompt, generation=generation, answer=generation.strip())
+  record.update(scores)
+  return record
 
 
 def _entry(prepared: PreparedTask, subtasks: dict) -> dict:

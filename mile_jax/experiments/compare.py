@@ -16,13 +16,18 @@ intervals, curves), `results.md` and `plots/*.png`.
 
 import dataclasses
 import json
+import numbers
 import os
+import re
 import sys
 import time
 
+from mile_jax import requirements_check
+requirements_check.require("scipy", "matplotlib")  # Before the imports below: a missing package is one line.
 import ml_collections
 import numpy as np
 
+from mile_jax import config_files
 from mile_jax import config_lib
 from mile_jax import train_lib
 from mile_jax.data import synthetic
@@ -165,9 +170,43 @@ def _markdown(config: ml_collections.ConfigDict, analysis: dict) -> str:
           + tables.levels_markdown(analysis["rows"], len(config.seeds)))
 
 
+def _in_run(message: str, sections) -> str:
+  """A message of `config_lib.validate(config.run)` with its settings named as in the comparison config
+  (`train.steps` -> `run.train.steps`), where they are set."""
+  names = "|".join(re.escape(name) for name in sections)
+  return re.sub(rf"(?<![\w./-])({names})\.(?=\w+(?:$|[=:\s,);]))", r"run.\1.", message)
+
+
+def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises ConfigError (one line, naming the setting as the comparison config has it) before any run.
+
+  Checks that `config` is a comparison config (configs/compare.py), its runs' shared config, the
+  losses and seeds, and that `workdir` can be a directory.
+  """
+  missing = [k for k in ("run", "losses", "mile_gammas", "seeds") if k not in config]
+  if missing:
+    raise config_lib.ConfigError(
+        f"--config: not a comparison config (it has no {', '.join(missing)}; a training config such as "
+        f"configs/default.py is not one); use configs/compare.py")
+  try:
+    config_lib.validate(config.run)
+  except config_lib.ConfigError as e:
+    raise config_lib.ConfigError(_in_run(str(e), config.run.keys())) from None
+  seeds = config.seeds
+  if (isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__len__") or not len(seeds)
+      or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in seeds)
+      or len(set(seeds)) != len(seeds)):
+    raise config_lib.ConfigError(f"seeds: must be a non-empty tuple of distinct integers, got {seeds!r}")
+  if not run_specs(config):
+    raise config_lib.ConfigError("losses: no runs to compare; set losses (e.g. ('cross_entropy', 'mile:1.0')) "
+                                 "or mile_gammas")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise config_lib.ConfigError(f"--workdir: {workdir} is a file, not a directory; name a directory")
+
+
 def compare(config: ml_collections.ConfigDict, workdir: str, echo=print) -> dict:
   """Runs the whole comparison and writes results.json, results.md and plots/."""
-  config_lib.validate(config.run)
+  validate(config, workdir)
   specs = run_specs(config)
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
@@ -207,6 +246,13 @@ def main() -> None:
   workdir = flags.DEFINE_string("workdir", None, "Directory for every run and the results.")
   flags.mark_flags_as_required(["config", "workdir"])
 
+  def parse_flags(argv):
+    try:
+      return config_files.parse_config_flags(argv)
+    except config_lib.ConfigError as e:
+      print(f"Config error: {e}", file=sys.stderr)
+      sys.exit(2)
+
   def run(argv):
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -217,7 +263,7 @@ def main() -> None:
       print(f"Config error: {e}", file=sys.stderr)
       sys.exit(2)
 
-  app.run(run)
+  app.run(run, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

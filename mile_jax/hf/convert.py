@@ -8,13 +8,16 @@
 (LlamaConfig), model.safetensors (sharded with an index above
 --max_shard_mb), generation_config.json, and the run's SentencePiece model
 both as it is (tokenizer.model) and as a fast tokenizer (tokenizer.json, see
-`hf_tokenizer`). It needs the `tokenizers` package (requirements-eval.txt).
+`hf_tokenizer`). It needs the `tokenizers` package (the `eval` extra:
+`pip install -e ".[eval]"`).
 
 `import` writes a checkpoint at step --step (default 0) of a transformers
 LLaMA directory into a new workdir, with config.json and tokenizer.model, so
 that eval.py evaluates it and train.py continues from it (the optimizer
-state is fresh). The model settings come from the directory's config.json;
-the rest from --config (default: `config_lib.base_config()`). Training can
+state is fresh). The model settings come from the directory's config.json,
+and `data.add_bos` from its `bos_token_id` (the token that started the
+model's documents, which eval.py puts before every request); the rest from
+--config (default: `config_lib.base_config()`). Training can
 also start from such a directory directly: `--config.init.from_hf=HF_DIR`.
 
 Only weight layouts are converted (`hf_layout`); nothing from transformers
@@ -26,7 +29,11 @@ import json
 import os
 import shutil
 import sys
+import types
+from typing import Any
 
+from mile_jax import requirements_check
+requirements_check.require()  # Before the imports below: a missing package is one line, not a traceback.
 from absl import app
 from absl import flags
 from absl import logging
@@ -47,15 +54,26 @@ from mile_jax.run import checkpoint as checkpoint_lib
 from mile_jax.run import workdir as workdir_lib
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
-INSTALL_HINT = ("install the optional dependencies: pip install torch==2.13.0 (its CPU build) first, then "
-                "pip install -r requirements-eval.txt")
+# LlamaConfig's bos_token_id where config.json has none.
+LLAMA_BOS_ID = 1
 
 
 def _require(module: str, command: str):
   try:
     return __import__(module)
   except ImportError:
-    raise HFError(f"{command} needs the Python package {module!r}; {INSTALL_HINT}") from None
+    raise HFError(f"{command} needs {requirements_check.install_hint(module)}") from None
+
+
+def _check_out(out: str) -> None:
+  """Raises HFError unless `out` is a new or empty directory that can be created and written."""
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    raise HFError(f"--out: {out} exists and is not an empty directory; choose a new one")
+  parent = os.path.dirname(out)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+    raise HFError(f"--out: {out} cannot be created ({parent} is not a writable directory)")
 
 
 def export(workdir: str, out: str, step: int | None = None, dtype: str = "float32",
@@ -70,42 +88,85 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "float3
   from mile_jax.hf import tokenizer as hf_tokenizer  # pylint: disable=import-outside-toplevel
   if dtype not in DTYPES:
     raise HFError(f"--dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
+  if max_shard_bytes <= 0:
+    raise HFError(f"--max_shard_mb: must be a positive number of MiB, got {max_shard_bytes / (1 << 20):g}")
   out = os.path.abspath(out)
-  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-    raise HFError(f"--out: {out} exists and is not an empty directory; choose a new one")
+  _check_out(out)
   restored = restore_lib.restore(workdir, step, mesh_shape=(1, 1, 1), devices=jax.devices()[:1])
   model, data = restored.config.model, restored.config.data
   tok = restored.tokenizer
   doc_start = tok.bos_id if data.get("add_bos", False) else tok.eos_id
   tmp = f"{out}.tmp-export"
   shutil.rmtree(tmp, ignore_errors=True)
-  hf_tokenizer.write(tmp, tok.serialized_model(), doc_start_id=doc_start, model_max_length=model.max_seq_len)
-  params = jax.device_get(restored.params)
-  tensors = {k: v.astype(DTYPES[dtype]) for k, v in hf_layout.to_hf(params, model.n_layers).items()}
-  files = safetensors_io.write_dir(tmp, tensors, max_shard_bytes)
-  ids = {"bos_id": doc_start, "eos_id": tok.eos_id, "pad_id": tok.pad_id if tok.pad_id >= 0 else None}
-  config = hf_layout.hf_config(model, dtype=dtype, **ids)
-  generation = {"bos_token_id": ids["bos_id"], "eos_token_id": ids["eos_id"], "pad_token_id": ids["pad_id"]}
-  for name, content in (("config.json", config), ("generation_config.json", generation)):
-    with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-      json.dump(content, f, indent=2)
-  if os.path.isdir(out):
-    os.rmdir(out)
-  os.replace(tmp, out)
+  try:
+    hf_tokenizer.write(tmp, tok.serialized_model(), doc_start_id=doc_start, model_max_length=model.max_seq_len)
+    params = jax.device_get(restored.params)
+    tensors = {k: v.astype(DTYPES[dtype]) for k, v in hf_layout.to_hf(params, model.n_layers).items()}
+    files = safetensors_io.write_dir(tmp, tensors, max_shard_bytes)
+    ids = {"bos_id": doc_start, "eos_id": tok.eos_id, "pad_id": tok.pad_id if tok.pad_id >= 0 else None}
+    config = hf_layout.hf_config(model, dtype=dtype, **ids)
+    generation = {"bos_token_id": ids["bos_id"], "eos_token_id": ids["eos_id"], "pad_token_id": ids["pad_id"]}
+    for name, content in (("config.json", config), ("generation_config.json", generation)):
+      with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+        json.dump(content, f, indent=2)
+    if os.path.isdir(out):
+      os.rmdir(out)
+    os.replace(tmp, out)
+  except OSError as e:  # A full disk, or permissions that os.access did not foresee.
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise HFError(f"--out: cannot write {out}: {e.strerror or e}") from None
   return sorted(os.listdir(out))
 
 
+def _starts_with_bos(hf: dict, tokenizer, where: str) -> bool:
+  """`data.add_bos` of the model: whether config.json's `bos_token_id` is the SentencePiece model's
+  BOS (else its EOS, which also starts documents when `data.add_bos` is off; null: EOS)."""
+  bos = hf.get("bos_token_id", LLAMA_BOS_ID)
+  if bos is not None and tokenizer.bos_id >= 0 and bos == tokenizer.bos_id:
+    return True
+  if bos is None or bos == tokenizer.eos_id:
+    return False
+  raise HFError(f"--hf_dir: {where} has bos_token_id={bos!r}, which is neither BOS ({tokenizer.bos_id}) nor EOS "
+                f"({tokenizer.eos_id}) of {tokenizer.model_path or 'the tokenizer'}; the start token cannot be set")
+
+
 def import_config(hf_dir: str, config=None):
-  """`config` (default the base config) with the directory's model settings and `init.from_hf`."""
-  hf = hf_layout.read_config(hf_dir)
+  """`config` (default the base config) with the directory's model settings, `data.add_bos` from its
+  `bos_token_id`, and `init.from_hf`; the directory, its weights and its tokenizer checked.
+
+  Raises:
+    HFError: naming --hf_dir, the file or the setting to fix.
+  """
+  try:
+    hf = hf_layout.read_config(hf_dir)
+  except HFError as e:
+    raise HFError(f"--hf_dir: {e}") from None
+  where = os.path.join(hf_dir, hf_layout.CONFIG_FILE)
   problems = hf_layout.unsupported(hf)
   if problems:
-    raise HFError(f"{os.path.join(hf_dir, hf_layout.CONFIG_FILE)}: unsupported {'; '.join(problems)}")
+    raise HFError(f"--hf_dir: {where}: unsupported {'; '.join(problems)}")
   default = config is None
   config = config_lib.base_config() if default else config.copy_and_resolve_references()
   config.model.update(hf_layout.model_fields(hf))
   if default:
     config.data.seq_len = min(config.data.seq_len, config.model.max_seq_len)
+  try:
+    hf_layout.check_directory(hf_dir, config.model)
+  except HFError as e:
+    raise HFError(f"--hf_dir: {e}") from None
+  tokenizer_path = config.data.tokenizer_path or hf_layout.tokenizer_path(hf_dir)
+  if not tokenizer_path:
+    raise HFError(f"--hf_dir: {hf_dir} has no {hf_layout.TOKENIZER_FILE}; set --config.data.tokenizer_path to the "
+                  "SentencePiece model these weights were trained with")
+  try:
+    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path)
+  except (OSError, RuntimeError) as e:  # SentencePiece raises RuntimeError for a file that is not its model.
+    raise HFError(f"{tokenizer_path}: not a SentencePiece model ({type(e).__name__}); set "
+                  "--config.data.tokenizer_path to the SentencePiece model these weights were trained with") from None
+  if tokenizer.vocab_size != config.model.vocab_size:
+    raise HFError(f"{tokenizer_path} has {tokenizer.vocab_size} pieces but {where} has "
+                  f"vocab_size={config.model.vocab_size}")
+  config.data.add_bos = _starts_with_bos(hf, tokenizer, where)
   config.init.from_hf = os.path.abspath(hf_dir)
   return config
 
@@ -126,9 +187,6 @@ def import_hf(hf_dir: str, workdir: str, config=None, step: int = 0, echo=print)
     raise HFError(f"--workdir: {trainer.workdir} already has checkpoints; choose a new directory")
   config = trainer.config
   tokenizer = tokenizer_lib.load_tokenizer(config.data.tokenizer_path)
-  if tokenizer.vocab_size != config.model.vocab_size:
-    raise HFError(f"{config.data.tokenizer_path} has {tokenizer.vocab_size} pieces but "
-                  f"{hf_dir}/config.json has vocab_size={config.model.vocab_size}")
   state = trainer.initial_state()
   state = state.replace(step=jax.device_put(np.int32(step), trainer.state_shardings.step))
   meta = {"data": {"next_batch_step": step, "seed": config.seed},
@@ -141,32 +199,42 @@ def import_hf(hf_dir: str, workdir: str, config=None, step: int = 0, echo=print)
   return trainer.checkpointer.step_path(step)
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "export: the run to export; import: the new run's directory.")
-_STEP = flags.DEFINE_integer("step", None, "export: checkpoint step (default latest); import: the step to "
-                             "write the checkpoint at (default 0).")
-_OUT = flags.DEFINE_string("out", None, "export: the transformers directory to write (new or empty).")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", list(DTYPES), "export: dtype of the saved weights.")
-_MAX_SHARD_MB = flags.DEFINE_integer("max_shard_mb", 5120, "export: largest safetensors file (MiB) before "
-                                     "the weights are split into shards with an index.")
-_HF_DIR = flags.DEFINE_string("hf_dir", None, "import: a transformers LLaMA directory (config.json, "
-                              "model.safetensors or its sharded index, tokenizer.model).")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "import: a config file for the non-model settings.")
+_FLAGS: dict[str, Any] = {}
+
+
+def _define_flags() -> None:
+  """The command's flags, defined when it runs: importing this module defines none, so the
+  library functions above can be imported beside other commands' flags."""
+  if _FLAGS:
+    return
+  _FLAGS.update(
+      workdir=flags.DEFINE_string("workdir", None, "export: the run to export; import: the new run's directory."),
+      step=flags.DEFINE_integer("step", None, "export: checkpoint step (default latest); import: the step to "
+                                "write the checkpoint at (default 0)."),
+      out=flags.DEFINE_string("out", None, "export: the transformers directory to write (new or empty)."),
+      dtype=flags.DEFINE_string("dtype", "float32", f"export: dtype of the saved weights: {' or '.join(DTYPES)}."),
+      max_shard_mb=flags.DEFINE_integer("max_shard_mb", 5120, "export: largest safetensors file (MiB) before "
+                                        "the weights are split into shards with an index."),
+      hf_dir=flags.DEFINE_string("hf_dir", None, "import: a transformers LLaMA directory (config.json, "
+                                 "model.safetensors or its sharded index, tokenizer.model)."),
+      config=config_flags.DEFINE_config_file("config", None, "import: a config file for the non-model settings."))
 
 
 def main(argv):
+  f = types.SimpleNamespace(**{name: holder.value for name, holder in _FLAGS.items()})
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   command = argv[1] if len(argv) > 1 else ""
   try:
     if command == "export" and len(argv) == 2:
-      if not _WORKDIR.value or not _OUT.value:
+      if not f.workdir or not f.out:
         raise HFError("export needs --workdir and --out")
-      files = export(_WORKDIR.value, _OUT.value, _STEP.value, _DTYPE.value, _MAX_SHARD_MB.value << 20)
-      print(f"Wrote {os.path.abspath(_OUT.value)}: {', '.join(files)}")
+      files = export(f.workdir, f.out, f.step, f.dtype, f.max_shard_mb << 20)
+      print(f"Wrote {os.path.abspath(f.out)}: {', '.join(files)}")
     elif command == "import" and len(argv) == 2:
-      if not _HF_DIR.value or not _WORKDIR.value:
+      if not f.hf_dir or not f.workdir:
         raise HFError("import needs --hf_dir and --workdir")
-      path = import_hf(_HF_DIR.value, _WORKDIR.value, _CONFIG.value, _STEP.value or 0)
+      path = import_hf(f.hf_dir, f.workdir, f.config, f.step or 0)
       print(f"Wrote {path}")
     else:
       raise HFError(f"usage: python -m mile_jax.hf export|import [flags]; got {' '.join(argv[1:]) or 'nothing'}")
@@ -183,6 +251,7 @@ def main(argv):
 
 def run():
   """`python -m mile_jax.hf`'s entry point."""
+  _define_flags()
   app.run(main)
 
 

@@ -27,6 +27,10 @@ Weight names and layouts (transformers stores `nn.Linear` weights as
   model.norm.weight                    (D,)      final_norm/scale           (D,)
   lm_head.weight                       (V, D)    lm_head/kernel             (D, V)
 
+With scanned blocks (`model.scan_layers`) the tree holds `layers/...` instead,
+each array the layers' arrays stacked on a leading axis; `to_hf` and `from_hf`
+take either layout.
+
 Nothing here imports transformers or torch.
 """
 
@@ -37,10 +41,13 @@ from typing import Any
 import jax
 import numpy as np
 
+from mile_jax.core import model as model_lib
 from mile_jax.errors import ConfigError
 from mile_jax.hf import safetensors_io
 
 CONFIG_FILE = "config.json"
+EMBEDDING = "model.embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
 TOKENIZER_FILE = "tokenizer.model"
 
 # (config.model field, LlamaConfig key, transformers' default when the key is absent).
@@ -141,9 +148,21 @@ def check_directory(hf_dir: str, model_config: Any) -> None:
     fix = f"; set {' '.join(fixes)}" if fixes else ""
     raise HFError(f"{os.path.join(hf_dir, CONFIG_FILE)} describes another model: {'; '.join(problems)}{fix}")
   try:
-    safetensors_io.weight_files(hf_dir)
+    present = safetensors_io.tensor_names(hf_dir)
   except (safetensors_io.SafetensorsError, OSError) as e:
     raise HFError(str(e)) from None
+  if LM_HEAD not in present and EMBEDDING in present and not tied(hf):
+    raise HFError(untied_without_head(hf_dir))
+
+
+def tied(hf: dict) -> bool:
+  """Whether a LlamaConfig dict ties the output layer to the input embedding (transformers' default: no)."""
+  return bool(hf.get("tie_word_embeddings", False))
+
+
+def untied_without_head(hf_dir: str) -> str:
+  return (f"{hf_dir}: {LM_HEAD} is missing but {CONFIG_FILE} has tie_word_embeddings=false (the output layer "
+          "is not the embedding); the weights are incomplete")
 
 
 def tokenizer_path(hf_dir: str) -> str | None:
@@ -219,7 +238,9 @@ def _from_hf(path: tuple[str, ...], x: np.ndarray, head_dim: int) -> np.ndarray:
 
 
 def to_hf(params: Any, n_layers: int) -> dict[str, np.ndarray]:
-  """{transformers name: array (C-contiguous)} from a host parameter tree (any float dtype)."""
+  """{transformers name: array (C-contiguous)} from a host parameter tree (any float dtype),
+  its blocks unrolled or scanned (`model.scan_layers`)."""
+  params = model_lib.unrolled_layers(params, n_layers)
   out = {}
   for name, path in names(n_layers).items():
     node = params
@@ -230,23 +251,29 @@ def to_hf(params: Any, n_layers: int) -> dict[str, np.ndarray]:
 
 
 def from_hf(tensors: dict[str, np.ndarray], abstract_params: Any, n_layers: int, head_dim: int,
-            where: str = "") -> tuple[Any, list[str]]:
+            where: str = "", tie_word_embeddings: bool = False) -> tuple[Any, list[str]]:
   """(parameter tree of array views in the stored dtype, notes) from transformers tensors.
 
-  `abstract_params` (leaves with `.shape`) gives the expected shapes. A missing
-  `lm_head.weight` (tied embeddings) is filled with the input embedding,
-  which reproduces the tied model's function; the two are trained apart from
-  then on, and a note says so.
+  `abstract_params` (leaves with `.shape`) gives the expected shapes and the
+  layout: with scanned blocks (`model.scan_layers`) each `layers` leaf is a
+  `StackedView` of the per-layer views, so nothing is copied here either. With
+  `tie_word_embeddings` (config.json's), a missing `lm_head.weight` is filled
+  with the input embedding, which reproduces the tied model's function; the
+  two are trained apart from then on, and a note says so.
 
   Raises:
     HFError: naming the first tensor that is missing, unexpected, or of another shape.
   """
   notes = []
   tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
-  if "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
-    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+  if LM_HEAD not in tensors and EMBEDDING in tensors:
+    if not tie_word_embeddings:
+      raise HFError(untied_without_head(where))
+    tensors[LM_HEAD] = tensors[EMBEDDING]
     notes.append("lm_head.weight is absent (tied embeddings): the output layer starts as a copy of the "
                  "input embedding and is trained separately")
+  scanned = model_lib.is_scanned(abstract_params)
+  abstract_params = model_lib.unrolled_layers(abstract_params, n_layers)
   expected = names(n_layers)
   extra = sorted(set(tensors) - set(expected))
   if extra:
@@ -266,7 +293,33 @@ def from_hf(tensors: dict[str, np.ndarray], abstract_params: Any, n_layers: int,
     for part in path[:-1]:
       node = node.setdefault(part, {})
     node[path[-1]] = value
+  if scanned:
+    layers = [tree.pop(f"{model_lib.LAYER_PREFIX}{i}") for i in range(n_layers)]
+    tree[model_lib.SCANNED] = jax.tree.map(lambda *views: StackedView(views), *layers)
   return tree, notes
+
+
+class StackedView:
+  """The per-layer arrays `views` as one (n_layers, ...) array, read by slices: indexing
+  copies only the layers and elements asked for (what `place` reads per device)."""
+
+  def __init__(self, views):
+    self.views = views
+    self.shape = (len(views), *views[0].shape)
+    self.dtype = views[0].dtype
+
+  def __getitem__(self, index):
+    index = index if isinstance(index, tuple) else (index,)
+    first, rest = (index[0], index[1:]) if index else (slice(None), ())
+    layers = range(len(self.views))[first]
+    if isinstance(layers, int):
+      return np.asarray(self.views[layers][rest])
+    return np.stack([np.asarray(self.views[i][rest]) for i in layers])
+
+  def __array__(self, dtype=None, copy=None):
+    del copy
+    out = self[:]
+    return out if dtype is None else out.astype(dtype)
 
 
 def load_params(hf_dir: str, abstract_params: Any, n_layers: int, head_dim: int, echo=print) -> Any:
@@ -276,7 +329,8 @@ def load_params(hf_dir: str, abstract_params: Any, n_layers: int, head_dim: int,
     tensors = safetensors_io.read_dir(hf_dir)
   except (safetensors_io.SafetensorsError, OSError) as e:
     raise HFError(str(e)) from None
-  tree, notes = from_hf(tensors, abstract_params, n_layers, head_dim, where=hf_dir)
+  tree, notes = from_hf(tensors, abstract_params, n_layers, head_dim, where=hf_dir,
+                        tie_word_embeddings=tied(read_config(hf_dir)))
   for note in notes:
     echo(f"{hf_dir}: {note}")
   return tree

@@ -94,6 +94,11 @@ def weight_files(directory: str) -> list[str]:
   raise SafetensorsError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
 
 
+def tensor_names(directory: str) -> set[str]:
+  """The names of a directory's tensors, from the files' headers alone."""
+  return {name for path in weight_files(directory) for name in _read_header(path)[0]}
+
+
 def read_dir(directory: str) -> dict[str, np.ndarray]:
   """{name: array view} of a directory's `model.safetensors` or of the shards its index names."""
   out = {}

@@ -36,6 +36,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from mile_jax import config_lib
+from mile_jax.core import model as model_lib
 from mile_jax.run import checkpoint_errors
 from mile_jax.run import workdir as workdir_lib
 
@@ -131,11 +132,34 @@ class Checkpointer:
     alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
                                                active_processes={jax.process_index()})
     handler = ocp.StandardCheckpointHandler(multiprocessing_options=alone)
+    saved_layout = self._saved_layout(step, abstract_state)
     with ocp.Checkpointer(handler, multiprocessing_options=alone) as reader:
       state = reader.restore(workdir_lib.join(self.step_path(step), "state"),
-                             args=ocp.args.StandardRestore(abstract_state))
+                             args=ocp.args.StandardRestore(saved_layout))
     logging.info("Restored checkpoint %s", self.step_path(step))
-    return state
+    return self._to_layout(state, abstract_state, step)
+
+  def _saved_layout(self, step: int, abstract_tree: Any) -> Any:
+    """`abstract_tree` (a state, or {"params": ...}) in the layer layout the checkpoint at
+    `step` was saved in (`model.scan_layers`), with the shardings converted alike."""
+    try:
+      names = [k for k in self.state_shapes(step) if k.startswith("params/")]
+    except Exception:  # pylint: disable=broad-except  # An unreadable step fails in the restore itself.
+      return abstract_tree
+    if not names:
+      return abstract_tree
+    scanned = any(k.startswith(f"params/{model_lib.SCANNED}/") for k in names)
+    return model_lib.with_layout(abstract_tree, scanned)
+
+  @staticmethod
+  def _to_layout(restored: Any, abstract_tree: Any, step: int) -> Any:
+    """`restored` in `abstract_tree`'s layer layout and shardings; logs a conversion."""
+    converted = model_lib.with_layout(restored, model_lib.is_scanned(_params_of(abstract_tree)))
+    if converted is restored:
+      return restored
+    logging.info("Converted checkpoint step %d to %s layers", step,
+                 "scanned" if model_lib.is_scanned(_params_of(abstract_tree)) else "unrolled")
+    return jax.device_put(converted, jax.tree.map(lambda a: a.sharding, abstract_tree))
 
   def restore_params(self, step: int, abstract_params: Any) -> Any:
     """Restores only the state's `params` subtree at `step`, with the shardings
@@ -155,16 +179,17 @@ class Checkpointer:
     if not saved:
       raise CheckpointError(f"checkpoint {self.step_path(step)}: no parameters in the metadata of its state "
                             f"({workdir_lib.join(self.step_path(step), 'state')})")
-    wanted = tree_shapes({"params": abstract_params})
+    wanted_tree = self._saved_layout(step, {"params": abstract_params})
+    wanted = tree_shapes(wanted_tree)
     if saved != wanted:
       raise config_lib.ConfigError(f"checkpoint {self.step_path(step)} holds other parameters than this model "
                                    f"({_first_difference(saved, wanted)})")
-    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(wanted_tree["params"])
     with ocp.PyTreeCheckpointer() as reader:
       restored = reader.restore(workdir_lib.join(self.step_path(step), "state"), args=ocp.args.PyTreeRestore(
-          item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True))
+          item=wanted_tree, restore_args={"params": restore_args}, partial_restore=True))
     logging.info("Restored the parameters of checkpoint %s", self.step_path(step))
-    return restored["params"]
+    return self._to_layout(restored, {"params": abstract_params}, step)["params"]
 
   def restore_latest(self, abstract_state: Any, warn=logging.warning) -> tuple[int, Any] | None:
     """(step, state) of the newest readable checkpoint, or None if there is none.
@@ -299,7 +324,7 @@ class Checkpointer:
       return
     if not saved:
       return
-    wanted = tree_shapes(abstract_state)
+    wanted = tree_shapes(self._saved_layout(step, abstract_state))
     if saved == wanted:
       return
     diffs = []
@@ -375,6 +400,11 @@ def tokenizer_meta(serialized_model: bytes) -> dict:
 def tokenizer_bytes(meta: dict) -> bytes:
   """The SentencePiece model saved in a checkpoint's `meta` (see `tokenizer_meta`)."""
   return base64.b64decode(meta["tokenizer"]["model_base64"])
+
+
+def _params_of(tree: Any) -> Any:
+  """The parameter tree of a train state or of {"params": ...}."""
+  return tree["params"] if isinstance(tree, dict) else tree.params
 
 
 def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:

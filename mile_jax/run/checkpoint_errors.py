@@ -1,7 +1,9 @@
 """What a failed checkpoint read or write means, in one line.
 
-- `shows_damage`: the error says a file is missing, cut short or garbled, so
-  falling back to an older step is right; `is_transient`: the reader failed
+- `shows_damage`: the error says a file is missing, cut short or garbled
+  (a status code of TensorStore's that says so, or a failed decompression or
+  checksum, which TensorStore may report with no status code), so falling
+  back to an older step is right; `is_transient`: the reader failed
   (out of memory, an object-store timeout), and another try may succeed.
 - `describe_error`: the reason to print, in the operating system's words
   where a cause has them.
@@ -20,6 +22,10 @@ import sys
 # TensorStore status codes that describe the files themselves: cut short, garbled, missing.
 _DAMAGE_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION")
 _DAMAGE_TYPES = (FileNotFoundError, NotADirectoryError, UnicodeDecodeError, json.JSONDecodeError)
+# Bytes that do not decode: a compressed block or a checksum that does not check out, whatever the status code.
+_DAMAGE_WORDS = re.compile(r"decompress\w*\(?\)? failed|data corruption|corrupt(ed)? (data|block|frame|input)|"
+                           r"checksum|crc32c? mismatch|incorrect header check|invalid (block|frame|stored block)",
+                           re.IGNORECASE)
 # Failures of the reader, not of the files: another try may succeed.
 _TRANSIENT_CODES = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "CANCELLED")
 _TRANSIENT_TYPES = (MemoryError, TimeoutError, ConnectionError)
@@ -47,7 +53,8 @@ def is_transient(error: BaseException) -> bool:
 def shows_damage(error: BaseException) -> bool:
   """Whether `error` says that a file is missing, cut short or garbled (and nothing transient)."""
   return not is_transient(error) and any(
-      isinstance(e, _DAMAGE_TYPES) or _status(e) in _DAMAGE_CODES for e in _chain(error))
+      isinstance(e, _DAMAGE_TYPES) or _status(e) in _DAMAGE_CODES or _DAMAGE_WORDS.search(str(e))
+      for e in _chain(error))
 
 
 def describe_error(error: BaseException) -> str:

@@ -31,6 +31,7 @@ import uuid
 import jax
 from jax.experimental import multihost_utils
 
+from mile_jax.errors import ConfigError
 from mile_jax.run import workdir as workdir_lib
 
 LOCK_NAME = "lock"
@@ -91,7 +92,11 @@ class WorkdirLock:
     if self.remote:
       yield
       return
-    fd = os.open(self.guard_path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+      fd = os.open(self.guard_path, os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError as e:
+      raise ConfigError(f"--workdir: cannot open the lock's guard file {self.guard_path} ({e.strerror}); "
+                        f"remove whatever is in its place, or use another --workdir") from e
     try:
       try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -115,20 +120,30 @@ class WorkdirLock:
     os.replace(tmp, self.path)
 
   def holder(self) -> tuple[dict, float] | None:
-    """(the lock file's JSON, its mtime), or None when there is no lock."""
+    """(the lock file's JSON, its mtime), or None when there is no lock.
+
+    A lock file that is not UTF-8 JSON (written half by a killed process, or
+    damaged) gives {}: no holder to respect, so it is stale.
+
+    Raises:
+      ConfigError: the lock's path cannot be read as a file (a directory, no permission).
+    """
     try:
       if self.remote:
-        text, mtime = workdir_lib.path(self.path).read_text(), None
+        data, mtime = workdir_lib.path(self.path).read_bytes(), None
       else:
-        with open(self.path, encoding="utf-8") as f:
-          text = f.read()
+        with open(self.path, "rb") as f:
+          data = f.read()
         mtime = os.path.getmtime(self.path)
     except FileNotFoundError:
       return None
+    except OSError as e:
+      raise ConfigError(f"--workdir: cannot read the lock file {self.path} ({e.strerror or e}); remove whatever "
+                        f"is in its place, or use another --workdir") from e
     try:
-      info = json.loads(text)
-    except json.JSONDecodeError:
-      info = {}  # Written half by a killed process: no holder to respect.
+      info = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+      info = {}
     if not isinstance(info, dict):
       info = {}
     if mtime is None:
@@ -165,7 +180,9 @@ class WorkdirLock:
         info, mtime = found
         reason = self.stale_reason(info, mtime)
         if reason is None:
-          since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("since", mtime)))
+          since = info.get("since")
+          since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(
+              since if isinstance(since, (int, float)) else mtime))
           raise WorkdirLockedError(
               f"workdir {workdir_lib.path(self.path).parent} is in use by process {info['pid']} on host "
               f"{info['host']} (since {since}); wait for it to finish, stop it, or use another --workdir. "
@@ -191,7 +208,7 @@ class WorkdirLock:
             self._write(self._info(since))
           else:
             os.utime(self.path)
-        except OSError:
+        except (OSError, ConfigError):
           return
     self._thread = threading.Thread(target=beat, name="mile_jax-lock", daemon=True)
     self._thread.start()

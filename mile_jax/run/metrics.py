@@ -9,6 +9,7 @@ from typing import Mapping
 import jax
 
 from mile_jax.core import attention
+from mile_jax.core import model as model_lib
 
 # bfloat16 dense peak FLOP/s per device by `device_kind`, for MFU.
 PEAK_FLOPS = {
@@ -73,6 +74,34 @@ class MetricWriter:
       self._tb.close()
 
 
+def loss_text(loss_config) -> str:
+  """The loss and the parameters it uses: "cross_entropy", "focal (gamma 1.0)", "mile (gamma 1.0, sigma 1.0)"."""
+  if loss_config.name == "cross_entropy":
+    return "cross_entropy"
+  if loss_config.name == "focal":
+    return f"focal (gamma {loss_config.gamma})"
+  return f"{loss_config.name} (gamma {loss_config.gamma}, sigma {loss_config.sigma})"
+
+
+def layers_text(model_config) -> str:
+  """"N layers, scanned" or "N layers, unrolled": how the blocks run (`model.scan_layers`,
+  resolved by depth when unset)."""
+  scanned = model_lib.DecoderConfig.from_config(model_config).scan_layers
+  how = "scanned" if scanned else "unrolled"
+  if model_config.get("scan_layers") is None:
+    how += f" (model.scan_layers unset: scanned from {model_lib.SCAN_LAYERS_FROM} layers)"
+  return f"{model_config.n_layers} layers, {how}"
+
+
+def eval_schedule(eval_every: int, steps: int) -> str:
+  """When a run of `steps` evaluates, given `train.eval_every` > 0 (multiples of it, and the last step)."""
+  if eval_every > steps:
+    return f"at the last step only ({steps}; train.eval_every={eval_every} is beyond train.steps)"
+  if steps % eval_every:
+    return f"every {eval_every} steps and at the last step ({steps})"
+  return f"every {eval_every} steps"
+
+
 def run_header(config, num_params: int, mesh, data, start: int, eval_batches: int) -> list[str]:
   """What a training run prints before its first step.
 
@@ -93,9 +122,8 @@ def run_header(config, num_params: int, mesh, data, start: int, eval_batches: in
   kernel, why = attention.resolve(m.attention, dtype=m.dtype, head_dim=m.d_model // m.n_heads, seq_len=d.seq_len,
                                   segmented=d.segment_documents)
   lines = [
-      f"Model: {num_params:,} parameters ({m.n_layers} layers, d_model {m.d_model}, vocabulary {m.vocab_size}, "
-      f"{m.dtype}, {kernel} attention: {why}); loss {config.loss.name} (gamma {config.loss.gamma}, "
-      f"sigma {config.loss.sigma})",
+      f"Model: {num_params:,} parameters ({layers_text(m)}, d_model {m.d_model}, vocabulary {m.vocab_size}, "
+      f"{m.dtype}, {kernel} attention: {why}); loss {loss_text(config.loss)}",
       f"Devices: {mesh.size} x {device.device_kind} in {_plural(jax.process_count(), 'process')}; mesh {axes}",
       f"Batch: {d.global_batch_size} rows x {d.seq_len} tokens = {tokens_per_step:,} tokens per step in "
       f"{_plural(t.microbatches, 'micro-batch')}; {t.steps} steps = {t.steps * tokens_per_step:,} tokens",
@@ -104,7 +132,7 @@ def run_header(config, num_params: int, mesh, data, start: int, eval_batches: in
   if t.eval_every:
     rows = eval_batches * d.global_batch_size
     lines.append(
-        f"Validation: every {t.eval_every} steps, [eval] lines score the first {eval_batches} batches "
+        f"Validation: {eval_schedule(t.eval_every, t.steps)}, [eval] lines score the first {eval_batches} batches "
         f"({rows} of the split's {data.validation.rows_per_epoch} rows, {rows * d.seq_len:,} tokens): an "
         f"estimate; eval.py --tasks ppl scores the whole validation split")
   lines.append(f"Start: resumed at step {start} of {t.steps}" if start else f"Start: a new run of {t.steps} steps")

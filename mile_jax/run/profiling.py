@@ -14,12 +14,36 @@ and per-step time reads directly off the trace (outside the window the loop
 dispatches ahead as usual).
 
 `train.profile_server_port` starts `jax.profiler.start_server` for the run,
-so that TensorBoard's "Capture profile" can trace any moment on demand.
+so that TensorBoard's "Capture profile" can trace any moment on demand. A port
+already in use is refused before the run starts (`check_port`): the server
+would fail to bind, say so only in the C++ log, and the run would go on
+without it.
+
+A run resumed past its profile window traces nothing and says so in one line
+at its start (the window is part of the config, shared by the run's every
+resumption, so it is not an error).
 """
 
+import errno
+import socket
 from typing import Any, Callable
 
 import jax
+
+from mile_jax.errors import ConfigError
+
+
+def check_port(port: int) -> None:
+  """Raises ConfigError naming train.profile_server_port when `port` (> 0) cannot be listened on here."""
+  if not port:
+    return
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    try:
+      s.bind(("", port))  # No SO_REUSEADDR: a port another process listens on fails here.
+    except OSError as e:
+      why = "already in use" if e.errno == errno.EADDRINUSE else e.strerror or str(e)
+      raise ConfigError(f"train.profile_server_port: port {port} is {why}; choose another port, or 0 for no "
+                        f"profiler server") from None
 
 
 class StepProfiler:
@@ -28,15 +52,19 @@ class StepProfiler:
   Args:
     train_config: `config.train` (profile_steps, profile_start_step, profile_server_port).
     log_dir: the TensorBoard log directory (a local path).
-    echo: prints one line when a trace is written.
+    echo: prints one line when a trace is written, or when the window lies before `start`.
+    start: the step the run starts after (its checkpoint's; 0 for a new run).
   """
 
-  def __init__(self, train_config: Any, log_dir: str, echo: Callable[[str], None] = print):
+  def __init__(self, train_config: Any, log_dir: str, echo: Callable[[str], None] = print, start: int = 0):
     self.first = int(train_config.profile_start_step)
     self.last = self.first + int(train_config.profile_steps) - 1
     self.log_dir = log_dir
     self.echo = echo
     self.tracing_since = None  # The first step of the trace being written.
+    if train_config.profile_steps and self.last <= start:
+      echo(f"Profile: no trace; the profile window (steps {self.first}-{self.last}, train.profile_start_step and "
+           f"train.profile_steps) is before step {start + 1}, where this resumed run starts")
     port = int(train_config.profile_server_port)
     self.server = jax.profiler.start_server(port) if port else None
 
