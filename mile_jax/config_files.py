@@ -8,6 +8,7 @@ from any directory; a path to a file still works and wins when it exists.
 import importlib.util
 import os
 import re
+import sys
 import traceback
 import types
 
@@ -143,3 +144,15 @@ def parse_config_flags(argv, flag_values=None, missing_hint: str = ""):
     return flag_values(argv)
   except Exception as e:  # pylint: disable=broad-except
     raise ConfigError(describe_flag_error(e, argv)) from None
+
+
+def exiting_parser(missing_hint: str = ""):
+  """A `flags_parser` for `absl.app.run`: `parse_config_flags`, with its ConfigError printed as
+  `Config error: ...` on stderr and exit status 2."""
+  def parse(argv):
+    try:
+      return parse_config_flags(argv, missing_hint=missing_hint)
+    except ConfigError as e:
+      print(f"Config error: {e}", file=sys.stderr)
+      sys.exit(2)
+  return parse

@@ -194,7 +194,7 @@ def format_report(plans: Sequence[Plan], config, device_memory_gib: float, usabl
   lines += ["", "peak = arguments + outputs - donated + temporaries (memory_analysis); gradients are part of the "
                 "temporaries. Temporaries and compiled FLOPs are the CPU compiler's: an estimate for GPU/TPU."]
   if any(p.microbatches > 1 for p in plans):
-    lines.append("compiled FLOPs count a micro-batch loop's body once.")
+    lines.append("compiled FLOPs count a loop's body once (the micro-batch loop, and the layers when they are scanned).")
   if any(p.attention == "splash" for p in plans):
     lines.append("splash ran in Pallas interpret mode: its device-memory buffers are the kernel's, its FLOPs and "
                  "the TPU compiler's fusions are not (docs/attention.md).")
@@ -213,15 +213,6 @@ def _positive_int(flag: str, text: str) -> int:
   if value < 1:
     raise config_lib.ConfigError(f"{flag}: must be comma-separated positive integers such as 1,4, got {text!r}")
   return value
-
-
-def _parse_flags(argv):
-  """absl's flag parsing, where a missing config file or a misspelt override is one line and exit 2."""
-  try:
-    return config_files.parse_config_flags(argv)
-  except config_lib.ConfigError as e:
-    print(f"Config error: {e}", file=sys.stderr)
-    sys.exit(2)
 
 
 def main(argv):
@@ -286,4 +277,4 @@ def _define_flags():
 if __name__ == "__main__":
   from absl import app  # pylint: disable=import-outside-toplevel
   _define_flags()
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=config_files.exiting_parser())

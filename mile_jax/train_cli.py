@@ -48,12 +48,8 @@ def _exit(prefix: str, message: str, status: int):
 
 def parse_flags(argv):
   """absl's flag parsing, where any failure to build the config is one line and exit 2."""
-  argv = config_files.resolve_argv(argv)
-  try:
-    return config_files.parse_config_flags(
-        argv, missing_hint=f", and no bundled config of that name ({', '.join(config_files.bundled())})")
-  except ConfigError as e:
-    _exit("Config error", str(e), 2)
+  hint = f", and no bundled config of that name ({', '.join(config_files.bundled())})"
+  return config_files.exiting_parser(hint)(config_files.resolve_argv(argv))
 
 
 def main(argv):

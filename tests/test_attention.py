@@ -105,13 +105,10 @@ def test_splash_matches_reference(case):
   assert_matches(got_xla, want, t + h)
 
 
-@pytest.mark.slow
-def test_splash_on_a_mesh_shards_rows_and_heads(monkeypatch):
-  """On a (2,2,2) mesh each device runs the kernel on its 1 of 4 rows and 2 of 4 query heads
-  (1 of 2 kv heads), and the result is still the reference's."""
-  b, t, n, kv, h = 4, 192, 4, 2, 64
-  q, k, v, g = inputs(1, b, t, n, kv, h)
-  segments = documents(t, (64, 1, 100), (1, 191), (191,), (30, 30, 30))
+def splash_on_mesh(monkeypatch, mesh_shape, seed, b, t, n, kv, h, segments):
+  """(the (queries, keys) shapes each device's kernel saw, values and gradients) of splash attention
+  on a mesh of `mesh_shape`; the shapes are recorded by a spy on the per-device kernel."""
+  q, k, v, g = inputs(seed, b, t, n, kv, h)
   seen = []
   per_device = attention._splash_per_device  # pylint: disable=protected-access
 
@@ -119,12 +116,22 @@ def test_splash_on_a_mesh_shards_rows_and_heads(monkeypatch):
     seen.append((q.shape, k.shape))
     return per_device(q, k, v, *rest, **kwargs)
   monkeypatch.setattr(attention, "_splash_per_device", spy)
-  mesh = sharding.make_mesh((2, 2, 2), jax.devices()[:8])
+  mesh = sharding.make_mesh(mesh_shape, jax.devices()[:math.prod(mesh_shape)])
   with sharding.mesh_context(mesh, sharding.rules_tuple(config_lib.DEFAULT_RULES)):
     got = values_and_grads(jax.jit(lambda q, k, v, s: attention.attend(q, k, v, s, "splash")), q, k, v,
                            segments, g)
+  return seen, got, reference(q, k, v, segments, g)
+
+
+@pytest.mark.slow
+def test_splash_on_a_mesh_shards_rows_and_heads(monkeypatch):
+  """On a (2,2,2) mesh each device runs the kernel on its 1 of 4 rows and 2 of 4 query heads
+  (1 of 2 kv heads), and the result is still the reference's."""
+  b, t, n, kv, h = 4, 192, 4, 2, 64
+  segments = documents(t, (64, 1, 100), (1, 191), (191,), (30, 30, 30))
+  seen, got, want = splash_on_mesh(monkeypatch, (2, 2, 2), 1, b, t, n, kv, h, segments)
   assert seen == [((1, 2, 256, h), (1, 1, 256, h))]  # T = 192 padded to 256.
-  assert_matches(got, reference(q, k, v, segments, g), t + h)
+  assert_matches(got, want, t + h)
 
 
 def run_step(attention_name, shape, workdir):
@@ -245,18 +252,6 @@ def test_splash_shards_query_heads_when_kv_heads_do_not_divide_the_tensor_axis(m
   """4 query heads on 2 kv heads over a tensor axis of 4: each device computes 1 query head
   with (a copy of) the kv head it reads, not all 4 heads, and the result is the reference's."""
   b, t, n, kv, h = 2, 128, 4, 2, 64
-  q, k, v, g = inputs(3, b, t, n, kv, h)
-  segments = documents(t, (50, 78), (128,))
-  seen = []
-  per_device = attention._splash_per_device  # pylint: disable=protected-access
-
-  def spy(q, k, v, *rest, **kwargs):
-    seen.append((q.shape, k.shape))
-    return per_device(q, k, v, *rest, **kwargs)
-  monkeypatch.setattr(attention, "_splash_per_device", spy)
-  mesh = sharding.make_mesh((2, 1, 4), jax.devices()[:8])
-  with sharding.mesh_context(mesh, sharding.rules_tuple(config_lib.DEFAULT_RULES)):
-    got = values_and_grads(jax.jit(lambda q, k, v, s: attention.attend(q, k, v, s, "splash")), q, k, v,
-                           segments, g)
+  seen, got, want = splash_on_mesh(monkeypatch, (2, 1, 4), 3, b, t, n, kv, h, documents(t, (50, 78), (128,)))
   assert seen == [((1, 1, 128, h), (1, 1, 128, h))]
-  assert_matches(got, reference(q, k, v, segments, g), t + h)
+  assert_matches(got, want, t + h)

@@ -235,6 +235,6 @@ def test_the_run_header_says_what_the_run_uses(tiny_config):
   assert metrics.eval_schedule(100, 250) == "every 100 steps and at the last step (250)"
   assert metrics.eval_schedule(10, 10) == metrics.eval_schedule(10, 30) == "every 10 steps"
   assert metrics.layers_text(tiny_config().model) == (
-      "2 layers, unrolled (model.scan_layers unset: scanned from 8 layers)")
-  assert metrics.layers_text(tiny_config(**{"model.n_layers": 8}).model).startswith("8 layers, scanned (")
+      "2 layers, unrolled (model.scan_layers unset: scanned from 16 layers)")
+  assert metrics.layers_text(tiny_config(**{"model.n_layers": 16}).model).startswith("16 layers, scanned (")
   assert metrics.layers_text(tiny_config(**{"model.scan_layers": True}).model) == "2 layers, scanned"

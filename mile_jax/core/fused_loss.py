@@ -270,8 +270,10 @@ def _sum_partials(partials: jax.Array, spec: _Spec) -> jax.Array:
   d_axes, v_axes = _axes(spec.kernel_grad[0]), _axes(spec.kernel_grad[1])
   if not set(d_axes) <= set(spec.shard_axes) or v_axes != _axes(spec.kernel_compute[1]):
     return partials.sum(0)
-  scatter = tuple(a for a in spec.shard_axes if a in d_axes)
-  whole = tuple(a for a in spec.shard_axes if a not in d_axes)
+  mesh = jax.sharding.get_abstract_mesh()
+  # An axis of one device adds nothing, and a collective over it would still copy the whole array.
+  scatter = tuple(a for a in spec.shard_axes if a in d_axes and mesh.shape[a] > 1)
+  whole = tuple(a for a in spec.shard_axes if a not in d_axes and mesh.shape[a] > 1)
   v_spec = v_axes or None
 
   def local(x):  # (1, d, V / |v_axes|): this device's token shard's partial sum.

@@ -21,7 +21,7 @@ from mile_jax.core import attention as attention_lib
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 # `model.scan_layers` unset: the blocks are scanned from this depth on.
-SCAN_LAYERS_FROM = 8
+SCAN_LAYERS_FROM = 16
 
 
 @dataclasses.dataclass(frozen=True)

@@ -246,13 +246,6 @@ def main() -> None:
   workdir = flags.DEFINE_string("workdir", None, "Directory for every run and the results.")
   flags.mark_flags_as_required(["config", "workdir"])
 
-  def parse_flags(argv):
-    try:
-      return config_files.parse_config_flags(argv)
-    except config_lib.ConfigError as e:
-      print(f"Config error: {e}", file=sys.stderr)
-      sys.exit(2)
-
   def run(argv):
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -263,7 +256,7 @@ def main() -> None:
       print(f"Config error: {e}", file=sys.stderr)
       sys.exit(2)
 
-  app.run(run, flags_parser=parse_flags)
+  app.run(run, flags_parser=config_files.exiting_parser())
 
 
 if __name__ == "__main__":
