@@ -139,13 +139,15 @@ class Checkpointer:
     logging.info("Restored checkpoint %s", self.step_path(step))
     return self._to_layout(state, abstract_state, step)
 
-  def _saved_layout(self, step: int, abstract_tree: Any) -> Any:
+  def _saved_layout(self, step: int, abstract_tree: Any, saved_shapes: dict | None = None) -> Any:
     """`abstract_tree` (a state, or {"params": ...}) in the layer layout the checkpoint at
-    `step` was saved in (`model.scan_layers`), with the shardings converted alike."""
+    `step` was saved in (`model.scan_layers`), with the shardings converted alike.
+    `saved_shapes`: the step's `state_shapes`, when the caller has read them already."""
     try:
-      names = [k for k in self.state_shapes(step) if k.startswith("params/")]
+      shapes = self.state_shapes(step) if saved_shapes is None else saved_shapes
     except Exception:  # pylint: disable=broad-except  # An unreadable step fails in the restore itself.
       return abstract_tree
+    names = [k for k in shapes if k.startswith("params/")]
     if not names:
       return abstract_tree
     scanned = any(k.startswith(f"params/{model_lib.SCANNED}/") for k in names)
@@ -175,11 +177,12 @@ class Checkpointer:
         silently leave a parameter the checkpoint lacks unrestored).
       CheckpointError: the state's metadata lists no parameters.
     """
-    saved = {k: v for k, v in self.state_shapes(step).items() if k.startswith("params/")}
+    shapes = self.state_shapes(step)
+    saved = {k: v for k, v in shapes.items() if k.startswith("params/")}
     if not saved:
       raise CheckpointError(f"checkpoint {self.step_path(step)}: no parameters in the metadata of its state "
                             f"({workdir_lib.join(self.step_path(step), 'state')})")
-    wanted_tree = self._saved_layout(step, {"params": abstract_params})
+    wanted_tree = self._saved_layout(step, {"params": abstract_params}, shapes)
     wanted = tree_shapes(wanted_tree)
     if saved != wanted:
       raise config_lib.ConfigError(f"checkpoint {self.step_path(step)} holds other parameters than this model "
@@ -324,7 +327,7 @@ class Checkpointer:
       return
     if not saved:
       return
-    wanted = tree_shapes(self._saved_layout(step, abstract_state))
+    wanted = tree_shapes(self._saved_layout(step, abstract_state, saved))
     if saved == wanted:
       return
     diffs = []
