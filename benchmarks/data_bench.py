@@ -3,7 +3,7 @@
     python benchmarks/data_bench.py [--steps 20] [--batches 300] [--markdown]
 
 Pipeline: `Trainer.local_batch` (what the prefetch thread runs each step:
-row lookup, gather from the memory-mapped tokens, shift, mask) timed over
+row lookup, one range read per row from the token store, shift, mask) timed over
 `--batches` consecutive steps, with and without segment ids. Train step: the
 jitted step of `train_lib.Trainer` on real batches, after one warm-up step,
 timed over `--steps` steps with a device sync at the end. Tokens per step are

@@ -333,7 +333,8 @@ def _check_data(config) -> None:
       _fail(flag, f"must be True or False, got {_get(config, flag)!r}")
   if not d.text_field:
     _fail("data.text_field", "must name a field, got ''")
-  if not d.tokenizer_path and not config.init.from_hf and d.source not in corpus_lib.GENERATED:  # Trains one.
+  if (not d.tokenizer_path and not config.init.from_hf and d.source not in corpus_lib.GENERATED
+      and not d.source.startswith("store:")):  # Trains one (a token store brings its own).
     tokenizer_lib.check_trainable_vocab_size(config.model.vocab_size, d.byte_fallback)
 
 

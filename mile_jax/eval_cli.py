@@ -10,6 +10,11 @@ files or, with --task_source=tfds or auto, from the TFDS catalog).
 `mile-eval --compare DIR_A DIR_B ...` prints saved results side by side.
 `--log_samples` also writes each benchmark document's prompt, per-choice
 log-likelihoods or generation, and score as JSON Lines beside the result.
+On several hosts, run the same command on each with --coordinator_address,
+--num_processes and --process_id (or $JAX_COORDINATOR_ADDRESS, ... as
+train.py; `process_flags`): every process loads the model onto its own
+devices and scores a share of the perplexity batches and log-likelihood
+requests (generation whole); process 0 writes the result.
 Exit status 2, with one line naming the flag or file to fix, for bad input.
 """
 
@@ -23,8 +28,10 @@ from absl import flags
 from absl import logging
 import jax
 
+from mile_jax import process_flags
 from mile_jax.evaluation import report
 from mile_jax.evaluation import runner
+from mile_jax.errors import ConfigError
 from mile_jax.evaluation.errors import EvalError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir, its checkpoints/ or one checkpoints/<step>/.")
@@ -54,6 +61,7 @@ _COMPILATION_CACHE_DIR = flags.DEFINE_string(
     "compilation_cache_dir", "~/.cache/mile_jax/jax",
     "JAX's persistent compilation cache: a later eval.py on the same model and shapes loads its programs "
     "instead of compiling them; '' to turn it off.")
+process_flags.define_flags(__name__)  # --coordinator_address, --num_processes, --process_id
 _COMPARE = flags.DEFINE_multi_string("compare", None, "Print saved results (workdirs or JSON files) side by side.")
 
 
@@ -69,6 +77,10 @@ def main(argv):
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not _WORKDIR.value:
       raise EvalError("--workdir: required (a training workdir with checkpoints)")
+    try:
+      process_flags.join()
+    except ConfigError as e:
+      raise EvalError(str(e)) from None
     if _COMPILATION_CACHE_DIR.value:
       jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_COMPILATION_CACHE_DIR.value))
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # eval.py's programs compile fast: cache them all

@@ -19,6 +19,13 @@ and hides what remat saves; the tool switches it to the memory-minimising
 scheduler (`CPU_MEMORY_SCHEDULER_FLAG`) so the temporaries reflect the
 remat policy as the accelerator compilers apply it.
 
+`--eval` compiles eval.py's scoring program instead (`eval_plan`): one batch
+of `--eval_batch_size` rows of `--eval_width` slots in each packed layout, the
+prefix tree (XLA's attention with its mask) and one segment per request
+(each `--attention` kernel), and reports the per-device peak of each:
+
+  python -m mile_jax.plan --config configs/mile_7b.py --mesh 1,8,1 --eval --eval_batch_size 32 --attention splash
+
 Attention: `xla` is compiled as training runs it. `splash` is the TPU
 kernel's own code run in Pallas interpret mode, so the compiled program holds
 what the kernel holds in device memory (inputs, outputs and the per-row
@@ -43,6 +50,7 @@ import jax.numpy as jnp
 
 from mile_jax import config_files
 from mile_jax import config_lib
+from mile_jax import eval_plan
 from mile_jax import train_lib
 from mile_jax.core import attention as attention_lib
 from mile_jax.core import model as model_lib
@@ -248,6 +256,9 @@ def main(argv):
           config.train.microbatches = count
           config_lib.validate(config)
           configs.append(config)
+    if f.eval:
+      _main_eval(f, configs[0], attentions, devices)
+      return
     for config in configs:
       plans.append(plan(config, devices, log=lambda m: print(m, file=sys.stderr, flush=True)))
   except (config_lib.ConfigError, ValueError) as e:
@@ -261,6 +272,28 @@ def main(argv):
     sys.exit(1)
 
 
+def _main_eval(f, config, attentions, devices) -> None:
+  """--eval: the scoring program's peak per layout (the tree once, segments per kernel); exit 1 if none fits."""
+  width = f.eval_width or config.model.max_seq_len
+  if f.eval_batch_size < 1 or width < 1 or f.eval_scored < 0:
+    raise config_lib.ConfigError(f"--eval_batch_size, --eval_width, --eval_scored: must be positive, got "
+                                 f"{f.eval_batch_size}, {width}, {f.eval_scored}")
+  log = lambda m: print(m, file=sys.stderr, flush=True)
+  common = dict(batch_size=f.eval_batch_size, width=width, scored=f.eval_scored or width, log=log)
+  plans = [eval_plan.plan_eval(config, devices, segments=False, **common)]
+  for attention in attentions:
+    segmented = config.copy_and_resolve_references()
+    segmented.model.attention = attention
+    plans.append(eval_plan.plan_eval(segmented, devices, segments=True, **common))
+  print(eval_plan.format_report(plans, config, _size))
+  budget = f.device_memory_gib * GIB * f.usable_fraction
+  for p in plans:
+    print(f"{p.layout} ({p.attention}): {'fits' if p.peak_bytes <= budget else 'does not fit'} "
+          f"{f.device_memory_gib:g} GiB x {f.usable_fraction:g}")
+  if not any(p.peak_bytes <= budget for p in plans):
+    sys.exit(1)
+
+
 def _define_flags():
   from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
@@ -271,6 +304,10 @@ def _define_flags():
   flags.DEFINE_string("remat", "", "Comma-separated remat policies to compare; '' = the config's.")
   flags.DEFINE_string("microbatches", "", "Comma-separated micro-batch counts to compare; '' = the config's.")
   flags.DEFINE_string("attention", "", "Comma-separated attention kernels to compare (xla, splash); '' = the config's.")
+  flags.DEFINE_bool("eval", False, "Compile eval.py's scoring program (each packed layout) instead of the train step.")
+  flags.DEFINE_integer("eval_batch_size", 32, "--eval: rows per forward pass (eval.py's --batch_size).")
+  flags.DEFINE_integer("eval_width", 0, "--eval: slots per row; 0 = model.max_seq_len.")
+  flags.DEFINE_integer("eval_scored", 0, "--eval: unembedded positions per data-parallel shard; 0 = the width.")
   flags.mark_flags_as_required(["config", "mesh"])
 
 

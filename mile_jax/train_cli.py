@@ -43,6 +43,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _exit(prefix: str, message: str, status: int):
   print(f"{prefix}: {message}", file=sys.stderr)
+  distributed.announce_failure(f"{prefix}: {message}")
   sys.exit(status)
 
 
@@ -66,7 +67,8 @@ def main(argv):
           f"{str(cause).splitlines()[0]}", 2)
   try:
     distributed.initialize(dist_config)  # Before any device is touched.
-    train_lib.train_and_evaluate(config, _WORKDIR.value)
+    with distributed.FailureWatch():
+      train_lib.train_and_evaluate(config, _WORKDIR.value)
   except ConfigError as e:
     _exit("Config error", str(e), 2)
   except faults.WorkdirLockedError as e:
@@ -75,10 +77,14 @@ def main(argv):
     _exit("Training stopped", str(e), 1)
   except checkpoint.CheckpointError as e:
     print(f"Checkpoint error: {e}", file=sys.stderr)
+    distributed.announce_failure(f"Checkpoint error: {e}")
     sys.stdout.flush()
     sys.stderr.flush()
     # Orbax threads of a failed save may wait minutes for signals that never come: leave without joining them.
     os._exit(1)
+  except BaseException as e:
+    distributed.announce_failure(f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+    raise
 
 
 def run():

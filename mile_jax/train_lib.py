@@ -99,7 +99,7 @@ class Trainer:
 
   def initial_state(self) -> step_lib.TrainState:
     """The newest readable checkpoint's state (an unreadable newer one is
-    reported and moved aside), else a fresh one: with `init.from_hf` that
+    reported and marked unreadable), else a fresh one: with `init.from_hf` that
     directory's parameters and a fresh optimizer state."""
     target = checkpoint_lib.abstract_with_shardings(self.abstract_state, self.state_shardings)
     found = self.checkpointer.restore_latest(target, warn=self.echo)
@@ -204,7 +204,7 @@ class Trainer:
           f"{self.checkpointer.step_path(latest)}; nothing was trained and config.json is unchanged. Set "
           f"train.steps to {latest} or more to resume that run, or use a new --workdir")
     state = self.initial_state()
-    if int(state.step) < last:  # The newest was unreadable and moved aside: train on from the one restored.
+    if int(state.step) < last:  # The newest was unreadable and is now marked: train on from the one restored.
       return None
     self.echo(f"Nothing to train: checkpoint {self.checkpointer.step_path(latest)} is at step {latest} and "
               f"the run ends at step {last} (train.steps={steps}); the workdir is unchanged")
@@ -226,8 +226,10 @@ class Trainer:
     writer = metrics_lib.MetricWriter(logs.local, enabled=primary, echo=self.echo)
     if primary:
       num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
-      for line in metrics_lib.run_header(cfg, num_params, self.mesh, data, start, self.eval_batches()):
-        self.echo(line)
+      header = metrics_lib.run_header(cfg, num_params, self.mesh, data, start, self.eval_batches())
+      for line in header + [data_pipeline.per_host_copies_line(cfg.data, jax.process_count())]:
+        if line:
+          self.echo(line)
     tokenizer_meta = checkpoint_lib.tokenizer_meta(data.tokenizer.serialized_model())
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
     flops_per_step = model_lib.flops_per_token(self.model_config, cfg.data.seq_len) * tokens_per_step

@@ -12,6 +12,8 @@ import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
 
+from object_store import gcs_bucket, gcs_server  # noqa: E402,F401  # The GCS server's fixtures.
+
 os.environ.setdefault("MILE_JAX_CACHE", tempfile.mkdtemp(prefix="mile_jax_cache_"))
 
 

@@ -101,12 +101,18 @@ def test_damaged_newest_restores_previous_and_keeps_both(tiny_config, tmp_path, 
   warning = [m for m in messages if m.startswith("Checkpoint ")]
   assert len(warning) == 1
   assert os.path.join(ckpt, "20") in warning[0] and os.path.join(ckpt, "10") in warning[0]
-  # The unreadable step is kept aside, the good one untouched, and step 20 can be saved again.
-  assert sorted(os.listdir(ckpt))[:3] == ["10", "20.unreadable", "30.orbax-checkpoint-tmp-1234"]
+  # The unreadable step is kept where it is and marked (nothing copied), the good one untouched, and
+  # step 20 can be saved again, which replaces the damaged one and its mark.
+  assert sorted(os.listdir(ckpt))[:4] == ["10", "20", "20.unreadable", "30.orbax-checkpoint-tmp-1234"]
+  assert json.loads(open(os.path.join(ckpt, "20.unreadable"), encoding="utf-8").read())["step"] == 20
   assert resumed.checkpointer.all_steps() == [10]
+  assert train_lib.Trainer(tiny_config(), workdir).checkpointer.latest_step() == 10  # Every reader skips it.
   resumed.checkpointer.save(20, restored)
   resumed.checkpointer.wait()
   assert resumed.checkpointer.all_steps() == [10, 20]
+  assert "20.unreadable" not in os.listdir(ckpt)
+  assert_state_equal(resumed.checkpointer.restore(20, checkpoint_lib.abstract_with_shardings(
+      resumed.abstract_state, resumed.state_shardings)), expected10)
 
 
 # Restores a garbled checkpoint 12 times and prints how many failed and what was reported besides: errors
@@ -178,7 +184,7 @@ def test_a_failure_that_shows_no_damage_is_raised_and_moves_nothing(tiny_config,
   with pytest.raises(checkpoint_lib.CheckpointError) as info:
     train_lib.Trainer(tiny_config(), str(tmp_path)).initial_state()
   assert str(info.value).startswith(f"could not read checkpoint {newest} ("), str(info.value)
-  assert "nothing shows that it is damaged, so it is left in place" in str(info.value)
+  assert "nothing shows that it is damaged, so it is left as it is" in str(info.value)
   assert info.value.__cause__ is error
   assert sorted(os.listdir(trainer.checkpointer.directory)) == ["10", "20"]
 
@@ -311,7 +317,7 @@ def test_corrupt_bytes_in_an_array_file_restore_the_previous_step(tiny_config, t
   assert_state_equal(restored, expected10)
   warning = [m for m in messages if m.startswith("Checkpoint ")]
   assert len(warning) == 1 and "ZSTD_decompressStream() failed" in warning[0], messages
-  assert sorted(os.listdir(trainer.checkpointer.directory)) == ["10", "20.unreadable"]
+  assert sorted(os.listdir(trainer.checkpointer.directory)) == ["10", "20", "20.unreadable"]
 
 
 def _read_error(message):
@@ -346,4 +352,4 @@ def test_decompression_and_checksum_failures_show_damage_whatever_the_status(tin
   resumed = train_lib.Trainer(tiny_config(), str(tmp_path), echo=lambda m: None)
   assert_state_equal(resumed.initial_state(), expected)
   assert resumed.restored_step == 10
-  assert sorted(os.listdir(trainer.checkpointer.directory)) == ["10", "20.unreadable"]
+  assert sorted(os.listdir(trainer.checkpointer.directory)) == ["10", "20", "20.unreadable"]

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from mile_jax.data import builtin, pipeline
 from mile_jax.data.pipeline import Prefetcher, make_data
 from mile_jax.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from mile_jax.errors import ConfigError
+import processes  # tests/processes.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -189,8 +189,8 @@ def test_make_data_splits_and_cache(data_cache, split, monkeypatch):
   assert first.tokenizer.decode(stream[: ends[0]]) == val_docs[0][1]
   assert first.tokenizer.decode(stream[ends[0] + 1 : ends[1]]) == val_docs[1][1]
 
-  cached = sorted(p.name for p in (data_cache / "tokens").iterdir())
-  assert len(cached) == 2
+  cached = sorted(p.name for p in (data_cache / "stores").iterdir())
+  assert len(cached) == 1  # one token store holds both splits
 
   def no_encoding(*args, **kwargs):
     raise AssertionError("tokenized again despite the cache")
@@ -200,7 +200,7 @@ def test_make_data_splits_and_cache(data_cache, split, monkeypatch):
   start = time.perf_counter()
   second = make_data(data_config(data_cache), VOCAB, 64, seed=0)
   assert time.perf_counter() - start < 2.0
-  assert sorted(p.name for p in (data_cache / "tokens").iterdir()) == cached
+  assert sorted(p.name for p in (data_cache / "stores").iterdir()) == cached
   assert second.tokenizer.model_path == first.tokenizer.model_path
   for step in range(3):
     a, b = first.train.batch(step, 8), second.train.batch(step, 8)
@@ -308,27 +308,16 @@ with open(out, "w") as f:
 """
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
 
 def test_processes_share_the_tokenizer_process_0_trained(tmp_path):
   worker = tmp_path / "worker.py"
   worker.write_text(_WORKER)
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-  address = f"127.0.0.1:{_free_port()}"
+  address = processes.coordinator_address()
   outs = [tmp_path / f"process{i}.json" for i in range(2)]
   procs = [subprocess.Popen([sys.executable, str(worker), str(i), address, ROOT, str(outs[i])], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  logs = []
-  for p in procs:
-    try:
-      logs.append(p.communicate(timeout=120)[0])
-    finally:
-      p.kill()
-  assert [p.returncode for p in procs] == [0, 0], logs
+  logs = processes.outputs_of(procs, timeout=120)
   first, second = (json.loads(out.read_text()) for out in outs)
   assert first["shared"] == first["own"]  # Process 0 uses the tokenizer it trains.
   assert second["own"] != first["own"]  # Alone, process 1 would have trained another one...

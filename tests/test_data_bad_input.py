@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from mile_jax.data import text_files, tfds_sources, token_store
+from mile_jax.data import text_files, tfds_sources
 from mile_jax.data.tokenizer import train_tokenizer
 from mile_jax.errors import ConfigError
 
@@ -132,26 +132,3 @@ def test_interrupted_preparation_is_redone_and_counts_are_logged(tmp_path, monke
   assert len(finished_datasets(tmp_path / "prepared")) == 1
 
 
-def test_interrupted_tokenization_leaves_no_store(tmp_path, monkeypatch):
-  texts = [f"text number {i} with some words" for i in range(40)]
-  tok = train_tokenizer(texts * 5, 286, str(tmp_path / "tok"), corpus_key="t", model_type="unigram")
-  monkeypatch.setattr(token_store, "_CHUNK_DOCUMENTS", 8)
-  real = tok.encode_batch
-  calls = {"n": 0}
-
-  def failing(batch):
-    calls["n"] += 1
-    if calls["n"] == 3:
-      raise KeyboardInterrupt
-    return real(batch)
-
-  monkeypatch.setattr(tok, "encode_batch", failing)
-  with pytest.raises(KeyboardInterrupt):
-    token_store.load_or_build(texts, tok, "corpus", str(tmp_path))
-  assert os.listdir(tmp_path / "tokens") == []
-  monkeypatch.setattr(tok, "encode_batch", real)
-  store = token_store.load_or_build(texts, tok, "corpus", str(tmp_path))
-  assert store.tokens.dtype == np.uint16 and isinstance(store.tokens, np.memmap)
-  for i, text in enumerate(texts):
-    np.testing.assert_array_equal(store.tokens[store.offsets[i]:store.offsets[i + 1]], tok.encode(text))
-  np.testing.assert_array_equal(store.counts, np.bincount([t for x in texts for t in tok.encode(x)], minlength=286))

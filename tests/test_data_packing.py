@@ -125,18 +125,6 @@ def test_empty_documents_and_rows_spanning_many_documents(bos, eos):
                                   reference_rows(docs, 6, bos, eos, 2, epoch)[0])
 
 
-def test_from_flat_matches_list_constructor_and_reads_a_memmap(tmp_path):
-  docs = tiny_docs()
-  offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])])
-  flat = np.concatenate(docs).astype(np.uint16)
-  flat.tofile(tmp_path / "tokens.bin")
-  mapped = np.memmap(tmp_path / "tokens.bin", dtype=np.uint16, mode="r", shape=flat.shape)
-  a = PackedDataset(docs, 5, EOS, seed=1)
-  b = PackedDataset.from_flat(mapped, offsets, 5, EOS, seed=1)
-  idx = np.arange(3 * a.rows_per_epoch)
-  np.testing.assert_array_equal(a.rows(idx), b.rows(idx))
-
-
 @pytest.mark.parametrize("bos", [None, BOS])
 def test_batches_match_reference_with_segments(bos):
   """inputs/targets/mask/segment_ids/positions against a per-token reference walk,
@@ -211,10 +199,6 @@ def test_token_counts_and_state():
   expected[EOS] += len(docs)
   expected[5000] += len(docs)
   np.testing.assert_array_equal(ds.token_counts(6000), expected)
-  counts = np.bincount(np.concatenate(docs), minlength=6000)
-  offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])])
-  given = PackedDataset.from_flat(np.concatenate(docs), offsets, 4, EOS, 0, bos_id=5000, counts=counts)
-  np.testing.assert_array_equal(given.token_counts(6000), expected)
   rows = ds.rows_per_epoch
   assert ds.state(rows, 3) == {"step": rows, "epoch": 3, "row": 0, "seed": 0}
   assert ds.state(1, 3)["row"] == 3

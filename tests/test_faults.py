@@ -13,6 +13,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from etils import epath
 
 from mile_jax import train_lib
 from mile_jax.run import faults
@@ -56,6 +57,8 @@ def test_stale_locks_are_detected(tmp_path, live_pid):
   host = socket.gethostname()
   cases = [  # (lock contents, mtime age in seconds, stale?)
       (dict(pid=live_pid, host=host), 0, False),
+      # A day old: the pid now belongs to another process (reused after a restart); the heartbeat decides.
+      (dict(pid=live_pid, host=host), 86400, True),
       (dict(pid=dead_pid(), host=host), 0, True),
       (dict(pid=os.getpid(), host=host), 0, True),  # An earlier process with our pid (a restarted container).
       (dict(pid=1234, host="elsewhere"), 10, False),  # Another host's heartbeat is fresh.
@@ -271,12 +274,16 @@ from orbax.checkpoint._src.path import async_path, atomicity
 kind, _, step = os.environ.get("MILE_JAX_TEST_FAULT", "").partition(":")
 marker = os.sep + step + ".orbax-checkpoint-tmp"
 if kind == "slow_commit":
-  finalize = atomicity.AtomicRenameTemporaryPath.finalize
-  async def slow_finalize(self):
-    if marker in str(self.get()):
-      await asyncio.sleep(60)
-    return await finalize(self)
-  atomicity.AtomicRenameTemporaryPath.finalize = slow_finalize
+  # A filesystem's step is a temporary directory renamed when complete; an object store's is written
+  # in place (`.../checkpoints/<step>`) and complete once commit_success.txt is.
+  def slowed(finalize):
+    async def slow_finalize(self, *args, **kwargs):
+      if marker in str(self.get()) or str(self.get()).endswith("/checkpoints/" + step):
+        await asyncio.sleep(60)
+      return await finalize(self, *args, **kwargs)
+    return slow_finalize
+  for cls in (atomicity.AtomicRenameTemporaryPath, atomicity.CommitFileTemporaryPath):
+    cls.finalize = slowed(cls.finalize)
 elif kind == "unwritable":
   mkdir = async_path.mkdir
   async def unwritable_mkdir(path, *args, **kwargs):
@@ -289,13 +296,15 @@ runpy.run_path("train.py", run_name="__main__")
 """
 
 
-def start_train_py(workdir, fault=""):
-  """train.py on OVERRIDES with `fault`; its stdout and stderr go to `<workdir>.stdout` and `.stderr`."""
+def start_train_py(workdir, fault="", logs=None):
+  """train.py on OVERRIDES with `fault`; its stdout and stderr go to `<logs>.stdout` and `.stderr`
+  (`logs` defaults to `workdir`, a local one)."""
+  logs = logs or workdir
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
              MILE_JAX_TEST_FAULT=fault)
   args = [sys.executable, "-c", TRAIN_PY_WITH_FAULT, "--config", "configs/default.py", "--workdir", workdir]
   args += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
-  with open(f"{workdir}.stdout", "w", encoding="utf-8") as out, open(f"{workdir}.stderr", "w", encoding="utf-8") as err:
+  with open(f"{logs}.stdout", "w", encoding="utf-8") as out, open(f"{logs}.stderr", "w", encoding="utf-8") as err:
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
 
 
@@ -306,12 +315,15 @@ def finish(proc, workdir, timeout=300):
     out = f.read()
   with open(f"{workdir}.stderr", encoding="utf-8") as f:
     lines = re.split(r"[\r\n]", f.read())
-  return proc.returncode, out, [line for line in lines if line.strip() and not line.startswith("train:")]
+  # The token variable of the suite's GCS server makes TensorStore log that it uses it.
+  return proc.returncode, out, [line for line in lines if line.strip() and not line.startswith("train:")
+                                and not line.endswith("Using GOOGLE_AUTH_TOKEN_FOR_TESTING")]
 
 
 def logged_losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    records = [json.loads(line) for line in f if line.endswith("\n")]
+  """[(step, loss)] of the train records in `workdir`'s metrics.jsonl (local or gs://)."""
+  text = epath.Path(workdir, "metrics.jsonl").read_text(encoding="utf-8")
+  records = [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
   return [(r["step"], r["loss"]) for r in records if r["split"] == "train"]
 
 

@@ -17,6 +17,7 @@ from conftest import count_in_loops
 from mile_jax import config_lib
 from mile_jax import train_lib
 from mile_jax.core import fused_loss
+from mile_jax.core import loss_blocks
 from mile_jax.core import losses
 from mile_jax.core import model as model_lib
 from mile_jax.core import sharding
@@ -132,7 +133,7 @@ def test_padded_vocabulary_equals_masked_logits(name):
   """V = 37 in 5 strided vocabulary blocks of 8 (3 padded columns) against the naive loss on 40 logits whose
   last 3 are -inf: both equal the float64 reference over the 37 real columns, entropy to float32 precision."""
   hidden, kernel, targets, mask = make_inputs(5, (3, 13), 8, 37, scale=4.0)
-  assert fused_loss._num_blocks(37, 8) == 5  # pylint: disable=protected-access
+  assert loss_blocks.num_blocks(37, 8) == 5  # pylint: disable=protected-access
   check_against_reference(name, (hidden, kernel, targets, mask), gamma=1.5, sigma=0.5, block_size=16,
                           vocab_block_size=8, rtol=1e-5)
   masked = np.concatenate([hidden @ kernel, np.full((3, 13, 3), -np.inf, np.float32)], axis=-1)
@@ -329,38 +330,3 @@ def test_kernel_gradient_is_summed_over_devices_once_not_per_block():
   assert counts[()][0] >= 1  # One [d, V] sum per block.
   assert counts[("data", "fsdp")] == (0, 1)
 
-
-def test_kernel_gradient_is_reduce_scattered_to_the_parameter_sharding():
-  """On a (1,4,2) mesh with the kernel's shardings given (gathered over fsdp for the matmuls, the
-  parameter's (fsdp, tensor) for its gradient): the same values and gradients as the float64
-  reference, and the float32 [d, V] gradient reaches each device only as its [d/4, V/2] slice."""
-  mesh = sharding.make_mesh((1, 4, 2))
-  hidden, kernel, targets, mask = make_inputs(7, (8, 24), 32, 256, scale=4.0)
-  want, want_dh, want_dk = ref_sums_and_grads("mile", hidden, kernel, targets, mask, 1.0, 1.0)
-  tokens = NamedSharding(mesh, P(("data", "fsdp")))
-  param = NamedSharding(mesh, P("fsdp", "tensor"))
-
-  @jax.jit
-  def fn(hidden, kernel, targets, mask):
-    def numerator(h, w):
-      sums = fused_loss.chunked_loss_sums("mile", h, w, targets, mask, block_size=32, shard_axes=("data", "fsdp"),
-                                          kernel_shardings=(P(None, "tensor"), P("fsdp", "tensor")))
-      return sums["loss_numerator"], sums
-    return jax.grad(numerator, argnums=(0, 1), has_aux=True)(hidden, kernel)
-
-  placed = (jax.device_put(hidden, tokens), jax.device_put(kernel, param), jax.device_put(targets, tokens),
-            jax.device_put(mask, tokens))
-  with jax.set_mesh(mesh):
-    (got_dh, got_dk), got = fn(*placed)
-    text = fn.lower(*placed).compile().as_text()
-  for key in SUM_KEYS:
-    np.testing.assert_allclose(float(got[key]), float(want[key]), rtol=1e-5, err_msg=key)
-  for g, w in ((got_dh, want_dh), (got_dk, want_dk)):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(w))))
-  assert got_dk.sharding.spec == P("fsdp", "tensor")
-  results = [line.split(" = ")[1].split("(")[0] for line in text.splitlines() if " = " in line]
-  assert any(r.startswith("f32[8,128]") and "reduce-scatter" in r for r in results), "no reduce-scatter to d/4"
-  # The gathered kernel for the matmuls is f32[32, 128] too (float32 inputs); the gradient must not be.
-  whole = [line for line in text.splitlines() if " = f32[32,128]" in line and " all-reduce(" in line
-           and not re.search(r"replica_groups=\{(\{\d+\},?)+\}", line)]  # Groups of one device add nothing.
-  assert not whole, whole

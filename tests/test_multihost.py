@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ from mile_jax import train_lib
 from mile_jax.core import step as step_lib
 from mile_jax.run import checkpoint as checkpoint_lib
 from mile_jax.run import distributed
+import processes  # tests/processes.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLURM_2_TASKS = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "node[01-02]", "SLURM_NTASKS": "2",
@@ -62,11 +62,6 @@ def test_initialize_alone_is_a_no_op():
   assert not jax.distributed.is_initialized() and jax.process_count() == 1
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
 
 def _losses(workdir):
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
@@ -76,19 +71,13 @@ def _losses(workdir):
 def _train_py_in_two_processes(config_file, workdir) -> list[str]:
   """train.py in 2 processes x 2 CPU devices (gloo, coordinator on 127.0.0.1): their outputs."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  address = f"127.0.0.1:{_free_port()}"
+  address = processes.coordinator_address()
   procs = [subprocess.Popen(
       [sys.executable, "train.py", f"--config={config_file}", f"--workdir={workdir}",
        f"--config.distributed.coordinator_address={address}", "--config.distributed.num_processes=2",
        f"--config.distributed.process_id={i}"],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outputs = []
-  for p in procs:
-    try:
-      outputs.append(p.communicate(timeout=200)[0])
-    finally:
-      p.kill()
-  assert [p.returncode for p in procs] == [0, 0], outputs
+  outputs = processes.outputs_of(procs, timeout=200)
   return outputs
 
 
@@ -176,7 +165,7 @@ def test_two_processes_match_one_and_agree_on_the_checkpoint_they_resume_from(ti
           f"{checkpoints}/3, instead") in outputs[0], outputs[0]
   assert all(f"Resuming from {checkpoints}/3" in o for o in outputs), outputs
   assert _losses(workdir) == two  # Steps 4 to 6 again, bit for bit.
-  assert os.path.isdir(f"{checkpoints}/6{checkpoint_lib.UNREADABLE_SUFFIX}")
+  assert not os.path.exists(f"{checkpoints}/6.unreadable")  # Marked, then replaced by the resumed run's step 6.
   again = restore(6)
   for name, value in restored.items():
     np.testing.assert_array_equal(again[name], value, err_msg=name)

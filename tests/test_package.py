@@ -68,7 +68,8 @@ def test_packages_are_the_source_tree():
 def test_entry_points_are_the_scripts_modules():
   assert _pyproject()["project"]["scripts"] == {"mile-train": "mile_jax.train_cli:run",
                                                 "mile-eval": "mile_jax.eval_cli:run",
-                                                "mile-generate": "mile_jax.generate:run"}
+                                                "mile-generate": "mile_jax.generate:run",
+                                                "mile-prepare": "mile_jax.prepare_cli:run"}
 
 
 def test_bundled_configs_resolve_from_any_directory(tmp_path, monkeypatch):

@@ -127,3 +127,25 @@ def test_cli_rejects_bad_settings_before_compiling(args, setting):
   assert len(result.stderr.strip().splitlines()) == 1, result.stderr
   assert result.stderr.strip().splitlines()[-1].startswith(f"Config error: {setting}")
   assert "compiling" not in result.stderr
+
+
+@pytest.mark.parametrize("segments", [False, True])
+def test_eval_plan_bytes_match_hand_count(segments):
+  """The scoring program (`plan --eval`) on 2 data-parallel devices, the model configured for splash:
+  its inputs are the replicated parameters and this device's half of the batch. The tree runs XLA's
+  attention whatever the config says, and its temporaries hold at least one layer's float32
+  (rows, heads, W, W) scores; the segment layout runs the configured kernel, which holds none."""
+  from conftest import make_tiny_config  # pylint: disable=import-outside-toplevel
+  from mile_jax import eval_plan  # pylint: disable=import-outside-toplevel
+  config = make_tiny_config(**{"mesh.shape": (2, 1, 1), "model.attention": "splash"})
+  batch, width, scored = 4, 1024, 16  # two splash blocks of 512 per row: no padding
+  p = eval_plan.plan_eval(config, jax.devices()[:2], batch_size=batch, width=width, scored=scored,
+                          segments=segments)
+  assert (p.layout, p.attention) == (("segments", "splash") if segments else ("tree", "xla"))
+  assert p.params_bytes == 4 * (MATRICES + NORMS)
+  rows = batch // 2
+  assert p.argument_bytes == p.params_bytes + 3 * rows * width * 4 + 2 * scored * 4
+  # log-probabilities float32, greedy flags bool, and the output tuple's two 8-byte pointers
+  assert p.output_bytes == scored * (4 + 1) + 2 * 8
+  scores = rows * H * width * width * 4
+  assert (p.temp_bytes < scores) if segments else (p.temp_bytes >= scores)

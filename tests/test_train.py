@@ -238,3 +238,14 @@ def test_the_run_header_says_what_the_run_uses(tiny_config):
       "2 layers, unrolled (model.scan_layers unset: scanned from 16 layers)")
   assert metrics.layers_text(tiny_config(**{"model.n_layers": 16}).model).startswith("16 layers, scanned (")
   assert metrics.layers_text(tiny_config(**{"model.scan_layers": True}).model) == "2 layers, scanned"
+  # Several processes, each preparing the data into its own host's cache: the header says so and how not to.
+  from mile_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  files = {"data.source": "files:/c/*.jsonl", "data.cache_dir": "/tmp/c"}
+  data = lambda **kw: tiny_config(**{**files, **kw}).data  # noqa: E731
+  line = pipeline.per_host_copies_line(data(), 4)
+  assert line.startswith("Data preparation: each of the 4 processes tokenizes its own copy of files:/c/*.jsonl")
+  assert "python -m mile_jax.data.prepare --source=files:/c/*.jsonl" in line and "data.source=store:gs://" in line
+  for no_copies in (pipeline.per_host_copies_line(data(), 1),
+                    pipeline.per_host_copies_line(data(**{"data.cache_dir": "gs://b/cache"}), 4),
+                    pipeline.per_host_copies_line(data(**{"data.source": "store:gs://b/s"}), 4)):
+    assert no_copies == ""

@@ -91,7 +91,7 @@ def loss_sums_fn(params, batch, *, model: nn.Module, loss_config: Any) -> dict[s
   if not chunked:
     return losses.loss_sums(loss_config.name, out, batch["targets"], batch["mask"],
                             gamma=loss_config.gamma, sigma=loss_config.sigma)
-  # Gathered over fsdp once per call, not in every block; its gradient reduce-scattered back.
+  # The parameter's sharding: under FSDP the loss splits the vocabulary over fsdp instead of gathering the kernel.
   kernel_shardings = (nn.logical_to_mesh_axes((None, "activation_vocab")), nn.logical_to_mesh_axes(("embed", "vocab")))
   return fused_loss.chunked_loss_sums(
       loss_config.name, out, params["lm_head"]["kernel"], batch["targets"], batch["mask"], gamma=loss_config.gamma,

@@ -3,9 +3,11 @@
 Sources:
   ``builtin:pydocs``  the offline corpus of ``builtin.py``; validation is a
                       hash-of-id hold-out of ``data.val_fraction``.
-  ``files:<glob>``    local ``.txt``/``.jsonl`` files (``.gz`` too), prepared
-                      once into array_record by ``tfds_sources.prepare_files``.
+  ``files:<glob>``    local ``.txt``/``.jsonl`` files (``.gz`` too), read in
+                      file order; validation is a hash-of-id hold-out.
   ``tfds:<name>``     a prepared TFDS dataset, ``<name>[/<config>][:<version>]``.
+  ``store:<path>``    a token store made by ``prepare.py`` (local or ``gs://``);
+                      it holds token ids, not texts, so ``load_corpus`` refuses it.
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from mile_jax.data import builtin
+from mile_jax.data import builtin, text_files
 from mile_jax.errors import ConfigError
 
 BUILTIN = ("builtin:pydocs",)
 GENERATED = ("synthetic:zipf",)  # token ids from a known process; see synthetic.py
-PREFIXES = ("files:", "tfds:")
+PREFIXES = ("files:", "tfds:", "store:")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +45,7 @@ def check_source(source: str) -> None:
     if source.startswith(prefix) and source[len(prefix):].strip():
       return
   raise ConfigError(f"data.source: {source!r} is not a source; use one of {', '.join(BUILTIN + GENERATED)}, "
-                    "files:<glob> or tfds:<name>[/<config>]")
+                    "files:<glob>, tfds:<name>[/<config>] or store:<path or gs://...>")
 
 
 def documents_key(source: str, docs: Sequence[builtin.Document]) -> str:
@@ -68,12 +70,11 @@ def _builtin(source: str, val_fraction: float) -> Corpus:
 
 
 def load_corpus(data_config: Any, cache_dir: str) -> Corpus:
-  """The texts of the configured source (preparing ``files:`` data once).
+  """The texts of the configured source, for training a tokenizer (``shards.py`` reads them for a store).
 
   Args:
     data_config: ``config.data``.
-    cache_dir: ``files:`` data is prepared in ``data.data_dir`` or, if that
-      is empty, in ``<cache_dir>/prepared``.
+    cache_dir: not read: every source is read where it lies.
   """
   source = data_config.source
   check_source(source)
@@ -82,16 +83,24 @@ def load_corpus(data_config: Any, cache_dir: str) -> Corpus:
   from mile_jax.data import tfds_sources  # pylint: disable=import-outside-toplevel
 
   if source.startswith("files:"):
-    data_dir = data_config.data_dir or os.path.join(cache_dir, "prepared")
-    builder = tfds_sources.prepare_files(
-        source[len("files:"):], data_dir, txt_documents=data_config.txt_documents,
-        text_field=data_config.text_field, decode_errors=data_config.decode_errors,
-        val_fraction=data_config.val_fraction)
-    splits = {name: builder.as_data_source(name) for name in ("train", "validation")}
-    key = f"files|{builder.data_dir}"
-    return Corpus(train=tfds_sources.TextSequence(splits["train"], "text"),
-                  validation=tfds_sources.TextSequence(splits["validation"], "text"),
-                  train_key=key + "|train", validation_key=key + "|validation")
+    pattern = source[len("files:"):]
+    paths, stats = text_files.list_files(pattern), text_files.ReadStats()
+    docs = list(text_files.read_documents(
+        paths, text_files.common_root(paths), txt_documents=data_config.txt_documents,
+        text_field=data_config.text_field, decode_errors=data_config.decode_errors, stats=stats))
+    if not docs:
+      raise ConfigError(f"data.source: the files matching {pattern!r} hold no non-empty documents "
+                        f"({stats.empty_skipped} empty, {stats.utf8_skipped} skipped for invalid UTF-8)")
+    train, val = builtin.split_documents(docs, data_config.val_fraction)
+    for setting, split, texts in (("data.source", "train", train), ("data.val_fraction", "validation", val)):
+      if not texts:
+        raise ConfigError(f"{setting}: none of the {len(docs)} documents of {pattern!r} falls in the {split} "
+                          "split; use more documents or another data.val_fraction")
+    return Corpus(train=[t for _, t in train], validation=[t for _, t in val],
+                  train_key=documents_key(source, train), validation_key=documents_key(source, val))
+  if source.startswith("store:"):
+    raise ConfigError(f"data.source: {source!r} holds token ids; train a tokenizer on the texts it was "
+                      "prepared from, or leave data.tokenizer_path empty to use the store's own")
   train, val, key, val_setting = tfds_sources.open_tfds(
       source[len("tfds:"):], data_config.data_dir, train_split=data_config.train_split,
       val_split=data_config.val_split, text_field=data_config.text_field,

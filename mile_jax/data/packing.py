@@ -18,10 +18,11 @@ at scale"), while a row permutation needs nothing
 beyond the static document offsets. What it gives up: a document shares its
 rows with the same storage neighbours in every epoch.
 
-Rows are never materialised as a whole epoch: a row's tokens are found by a
-binary search over the documents' end offsets in the packed stream and
-gathered from the (possibly memory-mapped) token array, so a process reads
-only its own rows.
+The packed stream is stored as such (``ArrayStream`` in memory, or a token
+store's split, ``store.StoreStream``): a row is one range read of it, so a
+process reads only its own rows and never a whole epoch. Segment ids and
+positions come from the BOS/EOS in the row; only with neither are the
+documents' end offsets looked up.
 """
 
 from __future__ import annotations
@@ -32,6 +33,29 @@ import numpy as np
 
 from mile_jax.data.permutation import KeyedPermutation
 from mile_jax.errors import ConfigError
+
+
+class ArrayStream:
+  """A packed token stream held in memory: ``[BOS] ids [EOS]`` per document, end to end.
+
+  Args:
+    docs_tokens: one int array of token ids per document (no BOS or EOS).
+    bos_id, eos_id: placed before / after every document; None for none.
+  """
+
+  def __init__(self, docs_tokens: Sequence[np.ndarray], bos_id: int | None, eos_id: int | None):
+    pieces = []
+    for d in docs_tokens:
+      pieces += [[bos_id]] * (bos_id is not None) + [np.asarray(d, np.int64)] + [[eos_id]] * (eos_id is not None)
+    self.tokens = np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, np.int32)  # [num_tokens]
+    lengths = [len(d) + (bos_id is not None) + (eos_id is not None) for d in docs_tokens]
+    self.ends = np.cumsum(np.asarray(lengths, dtype=np.int64))  # int64 [num_documents]
+    self.num_tokens, self.num_documents = len(self.tokens), len(lengths)
+    self.counts = None  # counted when asked for
+
+  def read(self, starts: np.ndarray, width: int) -> np.ndarray:
+    """int32 [len(starts), width]: tokens ``[s, s + width)`` for each start ``s``."""
+    return self.tokens[np.asarray(starts, np.int64)[:, None] + np.arange(width)]
 
 
 class PackedDataset:
@@ -55,40 +79,27 @@ class PackedDataset:
   def __init__(self, docs_tokens: Sequence[np.ndarray], seq_len: int, eos_id: int | None, seed: int,
                shuffle: bool = True, *, bos_id: int | None = None, segment_documents: bool = False,
                stream: int = 0):
-    lengths = np.array([len(d) for d in docs_tokens], dtype=np.int64)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    if len(docs_tokens):
-      tokens = np.concatenate([np.asarray(d, dtype=np.int32) for d in docs_tokens])
-    else:
-      tokens = np.zeros(0, dtype=np.int32)
-    self._init_flat(tokens, offsets, seq_len, eos_id, seed, shuffle, bos_id, segment_documents, None, stream)
+    self._init(ArrayStream(docs_tokens, bos_id, eos_id), seq_len, eos_id, seed, shuffle, bos_id,
+               segment_documents, stream)
 
   @classmethod
-  def from_flat(cls, tokens: np.ndarray, offsets: np.ndarray, seq_len: int, eos_id: int | None,
-                seed: int, shuffle: bool = True, *, bos_id: int | None = None,
-                segment_documents: bool = False, counts: np.ndarray | None = None,
-                stream: int = 0) -> PackedDataset:
-    """Build from a flat token stream: ``tokens[offsets[i]:offsets[i+1]]`` is document i.
+  def from_stream(cls, tokens, seq_len: int, eos_id: int | None, seed: int, shuffle: bool = True, *,
+                  bos_id: int | None = None, segment_documents: bool = False, stream: int = 0) -> PackedDataset:
+    """Build over a packed stream already laid out with ``bos_id``/``eos_id`` (a token store's split).
 
     Args:
-      tokens: integer [num_tokens]; may be a read-only memory map.
-      offsets: int64 [num_documents + 1], starting at 0, non-decreasing.
-      counts: int64 [vocab], occurrences of each id in ``tokens`` if known.
+      tokens: has ``num_tokens``, ``num_documents``, ``counts`` (int64
+        [vocab] or None), ``ends`` (int64 [num_documents]) and
+        ``read(starts, width) -> int32 [n, width]``, e.g. ``store.StoreStream``.
     """
     self = cls.__new__(cls)
-    self._init_flat(tokens, offsets, seq_len, eos_id, seed, shuffle, bos_id, segment_documents, counts, stream)
+    self._init(tokens, seq_len, eos_id, seed, shuffle, bos_id, segment_documents, stream)
     return self
 
-  def _init_flat(self, tokens, offsets, seq_len, eos_id, seed, shuffle, bos_id, segment_documents,
-                 counts, stream) -> None:
+  def _init(self, tokens, seq_len, eos_id, seed, shuffle, bos_id, segment_documents, stream) -> None:
     if seq_len < 1:
       raise ConfigError(f"data.seq_len: must be >= 1, got {seq_len}")
-    self._tokens = tokens  # [num_tokens], any integer dtype
-    self._offsets = np.asarray(offsets, dtype=np.int64)  # [num_documents + 1]
-    if self._offsets[0] != 0 or self._offsets[-1] != len(self._tokens):
-      raise ValueError("offsets must start at 0 and end at len(tokens)")
-    self._counts = counts
+    self._stream = tokens
     self.seq_len = seq_len
     self.eos_id = eos_id
     self.bos_id = bos_id
@@ -98,35 +109,28 @@ class PackedDataset:
     self.segment_documents = segment_documents
     self.row_len = seq_len + 1
     self._specials = (bos_id is not None) + (eos_id is not None)  # tokens added to each document
-    num_documents = len(self._offsets) - 1
-    self._ends = self._offsets[1:]  # int64 [num_documents]: where each document ends in the packed stream
-    if self._specials:
-      self._ends = self._ends + np.arange(1, num_documents + 1) * self._specials
-    self.tokens_per_epoch = int(self._offsets[-1]) + num_documents * self._specials
+    self.tokens_per_epoch = int(tokens.num_tokens)
     self.rows_per_epoch = self.tokens_per_epoch // self.row_len
 
   @property
   def num_documents(self) -> int:
-    return len(self._offsets) - 1
+    return int(self._stream.num_documents)
 
   @property
   def num_tokens(self) -> int:
     """Document tokens, BOS and EOS not counted."""
-    return len(self._tokens)
+    return self.tokens_per_epoch - self.num_documents * self._specials
 
   def token_counts(self, vocab_size: int) -> np.ndarray:
     """Occurrences of each token id over one epoch's documents, BOS and EOS
     included (the dropped tail too): int64 [vocab_size]."""
-    if self._counts is not None:
-      counts = np.zeros(vocab_size, dtype=np.int64)
-      counts[: len(self._counts)] = self._counts[:vocab_size]
-    else:
-      counts = np.bincount(np.asarray(self._tokens, dtype=np.int64), minlength=vocab_size)
-      counts = counts.astype(np.int64)
-    for special in (self.bos_id, self.eos_id):
-      if special is not None:
-        counts[special] += self.num_documents
-    return counts
+    counts = self._stream.counts
+    if counts is None:
+      counts = np.bincount(self._stream.read(np.zeros(1, np.int64), self.tokens_per_epoch)[0],
+                           minlength=vocab_size)
+    out = np.zeros(vocab_size, dtype=np.int64)
+    out[: min(len(counts), vocab_size)] = counts[:vocab_size]
+    return out
 
   def packed_rows(self, indices: np.ndarray) -> np.ndarray:
     """The packed rows (int64, in ``[0, rows_per_epoch)``) that global rows ``indices`` read."""
@@ -147,36 +151,41 @@ class PackedDataset:
     if indices.size and indices.min() < 0:
       raise ValueError("row indices must be non-negative")
 
+  def _segments(self, tokens: np.ndarray, row_start: np.ndarray):
+    """Segment ids and positions (int64 [n, L] each) of rows ``tokens`` starting at stream offsets ``row_start``.
+
+    A document starts at its BOS, or just after the EOS before it; with
+    neither, at the end offset of the document before it.
+    """
+    n, width = tokens.shape
+    if self._specials:
+      starts = np.zeros((n, width), dtype=bool)  # (n, L): a document starts here
+      if self.bos_id is not None:
+        starts |= tokens == self.bos_id
+      if self.eos_id is not None:
+        starts[:, 1:] |= tokens[:, :-1] == self.eos_id
+    else:
+      ends = self._stream.ends
+      p = row_start[:, None] + np.arange(width)  # (n, L): stream positions
+      doc = np.searchsorted(ends, p, side="right")  # (n, L): the document of each position
+      starts = np.zeros((n, width), dtype=bool)
+      starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+      # Empty documents between two positions still count as segments.
+      segments = doc - doc[:, :1] + 1
+    starts[:, 0] = True
+    if self._specials:
+      segments = np.cumsum(starts, axis=1)
+    last_start = np.maximum.accumulate(np.where(starts, np.arange(width), 0), axis=1)
+    return segments, np.arange(width) - last_start
+
   def _gather(self, indices: np.ndarray, with_segments: bool):
     """Tokens (int32), segment ids and positions (int64 or None) of global rows:
     [len(indices), seq_len + 1] each."""
-    n, width = len(indices), self.row_len
-    row_start = self.packed_rows(indices)[:, None] * width  # (n, 1)
-    p = row_start + np.arange(width)  # (n, L): stream positions
-    # The documents of each row are consecutive: search only for its first and last, then give each of
-    # them its run of positions (two binary searches per row instead of one per token).
-    first = np.searchsorted(self._ends, row_start[:, 0], side="right")  # (n,)
-    count = np.searchsorted(self._ends, row_start[:, 0] + width - 1, side="right") - first + 1  # (n,)
-    row = np.repeat(np.arange(n), count)  # (m,): the row of each (row, document) pair
-    doc = first[row] + np.arange(len(row)) - np.repeat(np.cumsum(count) - count, count)  # (m,)
-    run = (np.minimum(self._ends[doc], row_start[row, 0] + width)
-           - np.maximum(self._offsets[doc] + doc * self._specials, row_start[row, 0]))
-    doc = np.repeat(doc, run).reshape(n, width)  # (n, L): the document of each position
-    start = self._offsets[doc] + doc * self._specials  # where the document starts in the stream
-    length = self._offsets[doc + 1] - self._offsets[doc]  # (n, L): tokens of the document
-    t = p - start  # offset within [BOS] tokens [EOS]
-    tokens = np.empty(p.shape, dtype=np.int32)
-    if self.bos_id is not None:
-      tokens[t == 0] = self.bos_id
-      t = t - 1
-    if self.eos_id is not None:
-      tokens[t == length] = self.eos_id
-    regular = (t >= 0) & (t < length)
-    tokens[regular] = self._tokens[self._offsets[doc][regular] + t[regular]]
+    row_start = self.packed_rows(indices) * self.row_len  # (n,)
+    tokens = self._stream.read(row_start, self.row_len)  # (n, L)
     if not with_segments:
       return tokens, None, None
-    segments = doc - doc[:, :1] + 1
-    positions = p - np.maximum(start, row_start)
+    segments, positions = self._segments(tokens, row_start)
     return tokens, segments, positions
 
   def rows(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:

@@ -1,11 +1,16 @@
 """From a data config to packed train/validation datasets and their tokenizer.
 
 Validation documents are held out before the tokenizer is trained, so the
-tokenizer never sees them. Everything slow is done once and cached under
-``data.cache_dir``: ``files:`` preparation, tokenizer training and
-tokenization (see ``token_store``). In a multi-process run only process 0
-trains the tokenizer and the others receive its model, so that every process
-tokenizes alike even when their copies of the corpus differ.
+tokenizer never sees them. Every source is read through a token store
+(``store.py``): ``store:<path or gs://...>`` names one made by the prepare
+step (``prepare.py``), and any other source is prepared into
+``<data.cache_dir>/stores/<key>`` on first use, the key digesting the
+tokenizer, the inputs and ``add_bos``/``add_eos``. With a shared
+``data.cache_dir`` (``gs://``) the processes of a multi-process run prepare it
+together (``prepare.run_pod``); with a local one each process makes its own
+copy, under a temporary name renamed when complete. In a multi-process run
+only process 0 trains the tokenizer and the others receive its model, so that
+every process tokenizes alike even when their copies of the corpus differ.
 
 A mixture (``mix:``, see ``mixture.py``) loads each component as a source of
 its own, trains one tokenizer on a weighted sample of all their training
@@ -16,9 +21,11 @@ splits draw rows from them by the mixture's schedule.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -28,14 +35,16 @@ from jax.experimental import multihost_utils
 
 from mile_jax.data import corpus as corpus_lib
 from mile_jax.data import mixture as mixture_lib
+from mile_jax.data import prepare as prepare_lib
+from mile_jax.data import shards as shards_lib
+from mile_jax.data import store as store_lib
 from mile_jax.data import synthetic
-from mile_jax.data import token_store
 from mile_jax.data.packing import PackedDataset
 from mile_jax.data.prefetch import Prefetcher
 from mile_jax.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_model, train_tokenizer
 from mile_jax.errors import ConfigError
 
-__all__ = ["DataSplits", "Prefetcher", "make_data", "resolve_cache_dir"]
+__all__ = ["DataSplits", "Prefetcher", "make_data", "per_host_copies_line", "resolve_cache_dir"]
 
 _CACHE_ENV = "MILE_JAX_CACHE"
 
@@ -57,14 +66,35 @@ class DataSplits:
 def resolve_cache_dir(cache_dir: str) -> str:
   """``cache_dir``, or ``$MILE_JAX_CACHE``, or ``~/.cache/mile_jax``, in that order."""
   if cache_dir:
-    return os.path.expanduser(cache_dir)
+    return cache_dir if "://" in cache_dir else os.path.expanduser(cache_dir)
   return os.path.expanduser(os.environ.get(_CACHE_ENV) or "~/.cache/mile_jax")
 
 
+def per_host_copies_line(data_config: Any, process_count: int) -> str:
+  """The run header's line saying that each process tokenizes its own copy of the data, or "" where none does.
+
+  That happens in a run of several processes whose ``data.cache_dir`` is local
+  to each host and whose source is one the run prepares itself (not ``store:``).
+  """
+  if process_count <= 1 or data_config.source == synthetic.SOURCE or "://" in resolve_cache_dir(data_config.cache_dir):
+    return ""
+  sources = [c.source for c in mixture_lib.components(data_config.source)
+             if not c.source.startswith(store_lib.PREFIX)]
+  if not sources:
+    return ""
+  return (f"Data preparation: each of the {process_count} processes tokenizes its own copy of {', '.join(sources)} "
+          "into its local data.cache_dir; prepare it once instead (python -m mile_jax.data.prepare "
+          f"--source={sources[0]} --tokenizer=... --output=gs://bucket/store --runner=pod) and train with "
+          "data.source=store:gs://bucket/store")
+
+
 def _get_tokenizer(data_config: Any, vocab_size: int, corpus: Callable[[], corpus_lib.Corpus],
-                   cache_dir: str) -> Tokenizer:
-  """The tokenizer of data.tokenizer_path, or one trained on ``corpus()``'s train texts."""
-  if data_config.tokenizer_path:
+                   cache_dir: str, store_url: str = "") -> Tokenizer:
+  """The tokenizer of data.tokenizer_path, else the token store's at ``store_url``, else one trained on
+  ``corpus()``'s train texts."""
+  if not data_config.tokenizer_path and store_url:
+    tokenizer = tokenizer_from_model(store_lib.store_tokenizer(store_url), store_lib.join(store_url, "tokenizer.model"))
+  elif data_config.tokenizer_path:
     path = data_config.tokenizer_path if "://" in data_config.tokenizer_path else os.path.expanduser(
         data_config.tokenizer_path)
     try:
@@ -77,6 +107,9 @@ def _get_tokenizer(data_config: Any, vocab_size: int, corpus: Callable[[], corpu
       raise ConfigError(f"data.tokenizer_path: {path!r} is not a SentencePiece model ({e})") from None
   else:
     tokenizer = _shared_tokenizer(lambda: _train(data_config, vocab_size, corpus(), cache_dir))
+  if tokenizer.vocab_size != vocab_size and store_url and not data_config.tokenizer_path:
+    raise ConfigError(f"model.vocab_size={vocab_size} does not match the token store {store_url!r}, whose tokenizer "
+                      f"has {tokenizer.vocab_size} pieces; set model.vocab_size={tokenizer.vocab_size}")
   if tokenizer.vocab_size != vocab_size:
     raise ConfigError(
         f"model.vocab_size={vocab_size} does not match the vocabulary of "
@@ -176,25 +209,39 @@ def make_data(data_config: Any, vocab_size: int, seq_len: int, seed: int) -> Dat
     return DataSplits(train=train, validation=validation, tokenizer=tokenizer)
   components = mixture_lib.components(data_config.source)
   weights = [c.weight for c in components]
-  corpora = [corpus_lib.load_corpus(_WithSource(data_config, c.source), cache_dir) for c in components]
-  tokenizer = _get_tokenizer(
-      data_config, vocab_size,
-      lambda: mixture_lib.tokenizer_corpus(corpora, weights, data_config.tokenizer_train_documents), cache_dir)
+  stores = [c.source[len(store_lib.PREFIX):] for c in components if c.source.startswith(store_lib.PREFIX)]
+  for url in stores:
+    store_lib.read_manifest(url)  # Fails first, naming the store, when one is missing or unreadable.
+  corpora = {}  # component index -> Corpus, loaded only to train a tokenizer
+
+  def tokenizer_corpus():
+    for k, c in enumerate(components):
+      if not c.source.startswith(store_lib.PREFIX) and k not in corpora:
+        corpora[k] = corpus_lib.load_corpus(_WithSource(data_config, c.source), cache_dir)
+    return mixture_lib.tokenizer_corpus(list(corpora.values()), [weights[k] for k in corpora],
+                                        data_config.tokenizer_train_documents)
+
+  tokenizer = _get_tokenizer(data_config, vocab_size, tokenizer_corpus, cache_dir, stores[0] if stores else "")
   packed = {}  # name -> {"train": PackedDataset, "validation": PackedDataset}
-  for k, (component, corpus) in enumerate(zip(components, corpora)):
+  settings = {}  # name -> the setting that sizes its validation split
+  for k, component in enumerate(components):
     stream = k + 1 if mixture_lib.is_mixture(data_config.source) else 0  # the row order's key: (seed, stream, epoch)
+    url = _store_of(data_config, component.source, tokenizer, cache_dir)
+    _, streams = store_lib.open_store(
+        url, vocab_size=vocab_size, add_bos=data_config.add_bos, add_eos=data_config.add_eos,
+        tokenizer_fingerprint=tokenizer.fingerprint())
     packed[component.name] = {
-        name: _pack(data_config, tokenizer, texts, key, seq_len, seed, shuffle, stream, cache_dir,
-                    f"{component.name} {name}" if stream else name)
-        for name, texts, key, shuffle in (("train", corpus.train, corpus.train_key, True),
-                                          ("validation", corpus.validation, corpus.validation_key, False))}
+        name: _pack(data_config, tokenizer, streams[name], seq_len, seed, name == "train", stream,
+                    f"{component.name} {name}" if stream else name, url)
+        for name in store_lib.SPLITS}
+    settings[component.name] = shards_lib.validation_setting(shards_lib.Inputs.of(data_config, component.source))
   if not mixture_lib.is_mixture(data_config.source):
-    (splits,), (corpus,) = packed.values(), corpora
-    for name, split in splits.items():
-      _check_rows(split, name, corpus.validation_setting, data_config.global_batch_size)
+    ((name, splits),) = packed.items()
+    for split_name, split in splits.items():
+      _check_rows(split, split_name, settings[name], data_config.global_batch_size)
     return DataSplits(train=splits["train"], validation=splits["validation"], tokenizer=tokenizer)
-  for (name, splits), corpus in zip(packed.items(), corpora):
-    _check_rows(splits["validation"], "validation", corpus.validation_setting, data_config.global_batch_size, name)
+  for name, splits in packed.items():
+    _check_rows(splits["validation"], "validation", settings[name], data_config.global_batch_size, name)
   train, validation = (
       mixture_lib.MixedDataset({name: splits[split] for name, splits in packed.items()}, weights, seed)
       for split in ("train", "validation"))
@@ -213,14 +260,45 @@ class _WithSource:
     return getattr(self._data_config, name)
 
 
-def _pack(data_config: Any, tokenizer: Tokenizer, texts, key: str, seq_len: int, seed: int, shuffle: bool,
-          stream: int, cache_dir: str, label: str) -> PackedDataset:
-  """One split tokenized (cached) and packed."""
-  store = token_store.load_or_build(texts, tokenizer, key, cache_dir)
-  split = PackedDataset.from_flat(
-      store.tokens, store.offsets, seq_len, tokenizer.eos_id if data_config.add_eos else None,
-      seed, shuffle=shuffle, bos_id=tokenizer.bos_id if data_config.add_bos else None,
-      segment_documents=data_config.segment_documents, counts=store.counts, stream=stream)
+def _pack(data_config: Any, tokenizer: Tokenizer, tokens: store_lib.StoreStream, seq_len: int, seed: int,
+          shuffle: bool, stream: int, label: str, url: str) -> PackedDataset:
+  """One split of a token store, packed."""
+  split = PackedDataset.from_stream(
+      tokens, seq_len, tokenizer.eos_id if data_config.add_eos else None, seed, shuffle=shuffle,
+      bos_id=tokenizer.bos_id if data_config.add_bos else None, segment_documents=data_config.segment_documents,
+      stream=stream)
   logging.info("data %s: %d documents, %d tokens, %d rows per epoch (%s)", label, split.num_documents,
-               split.num_tokens, split.rows_per_epoch, store.path)
+               split.num_tokens, split.rows_per_epoch, url)
   return split
+
+
+def _store_of(data_config: Any, source: str, tokenizer: Tokenizer, cache_dir: str) -> str:
+  """The token store of ``source``: the one it names, or its cached one, prepared on first use."""
+  if source.startswith(store_lib.PREFIX):
+    return source[len(store_lib.PREFIX):]
+  inputs = shards_lib.Inputs.of(data_config, source)
+  shards, digest = shards_lib.plan(inputs)
+  blob = f"{store_lib.VERSION}|{tokenizer.fingerprint()}|{digest}|{data_config.add_bos}|{data_config.add_eos}"
+  url = store_lib.join(cache_dir, "stores", hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16])
+  if store_lib.read_bytes(store_lib.join(url, store_lib.MANIFEST)) is not None:
+    return url
+  job = prepare_lib.Job(inputs=inputs, tokenizer_model=tokenizer.serialized_model(), add_bos=data_config.add_bos,
+                        add_eos=data_config.add_eos, output=url, shards=tuple(shards), threads=0)
+  if "://" in url:  # A bucket: shared by the processes, and written in place (a rerun resumes).
+    logging.info("data: preparing %s into %s", source, url)
+    if jax.process_count() > 1:
+      prepare_lib.run_pod(job)
+    else:
+      prepare_lib.run_local(job, workers=1)
+    return url
+  tmp = f"{url}.tmp-{os.uname().nodename}-{os.getpid()}"
+  try:
+    prepare_lib.run_local(dataclasses.replace(job, output=tmp), workers=1)
+    try:
+      os.rename(tmp, url)
+    except OSError:
+      if store_lib.read_bytes(store_lib.join(url, store_lib.MANIFEST)) is None:
+        raise
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same store first, or this one failed
+  return url

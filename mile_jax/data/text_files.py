@@ -30,6 +30,8 @@ TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 TXT_DOCUMENTS = ("file", "blank_line")
 DECODE_ERRORS = ("replace", "skip")
+COMPRESSED_SUFFIXES = (".gz", ".zst", ".bz2", ".xz")
+_READ_BLOCK = 1 << 24  # bytes per read when counting newlines
 # A line holding only whitespace separates blocks, as an empty line does.
 _BLANK_LINE = re.compile(rb"\r?\n[ \t\r\f\v]*\r?\n")
 # Characters no text holds more than a few of: U+FFFD (invalid UTF-8 replaced) and C0 controls but
@@ -146,26 +148,106 @@ def _raw_documents(path: str, txt_documents: str, text_field: str, decode_errors
         yield str(i), text
     return
   for line_no, line in enumerate(data.split(b"\n"), start=1):
-    if not line.strip():
-      continue
-    text = _decode(line, decode_errors, stats)
-    if text is None:
-      continue
-    try:
-      record = json.loads(text)
-    except json.JSONDecodeError as e:
-      raise ConfigError(f"data.source: {path!r} line {line_no} is not valid JSON ({e.msg})") from None
-    if not isinstance(record, dict) or text_field not in record:
-      raise ConfigError(
-          f"data.text_field: {path!r} line {line_no} has no field {text_field!r}"
-      )
-    value = record[text_field]
-    if not isinstance(value, str):
-      raise ConfigError(
-          f"data.text_field: {path!r} line {line_no} field {text_field!r} is "
-          f"{type(value).__name__}, not a string"
-      )
-    yield str(line_no), value
+    value = _jsonl_text(path, line_no, line, text_field, decode_errors, stats)
+    if value is not None:
+      yield str(line_no), value
+
+
+def _jsonl_text(path: str, line_no: int, line: bytes, text_field: str, decode_errors: str,
+                stats: ReadStats) -> str | None:
+  """The document of one JSON Lines line (no newline), or None for a blank or skipped line."""
+  if not line.strip():
+    return None
+  text = _decode(line, decode_errors, stats)
+  if text is None:
+    return None
+  try:
+    record = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"data.source: {path!r} line {line_no} is not valid JSON ({e.msg})") from None
+  if not isinstance(record, dict) or text_field not in record:
+    raise ConfigError(
+        f"data.text_field: {path!r} line {line_no} has no field {text_field!r}"
+    )
+  value = record[text_field]
+  if not isinstance(value, str):
+    raise ConfigError(
+        f"data.text_field: {path!r} line {line_no} field {text_field!r} is "
+        f"{type(value).__name__}, not a string"
+    )
+  return value
+
+
+def splittable(path: str) -> bool:
+  """Whether ``path`` may be read in byte ranges: an uncompressed file of one document per line.
+
+  A compressed file can only be read from its start, and a ``.txt`` file's
+  documents (the file, or blocks between blank lines) are found from its start.
+  """
+  return not path.endswith(COMPRESSED_SUFFIXES) and file_format(path) == "jsonl"
+
+
+def count_newlines(path: str, start: int, stop: int) -> int:
+  """The number of newline bytes in bytes ``[start, stop)`` of ``path``."""
+  count = 0
+  try:
+    with open(path, "rb") as f:
+      f.seek(start)
+      while start < stop:
+        block = f.read(min(_READ_BLOCK, stop - start))
+        if not block:
+          break
+        count += block.count(b"\n")
+        start += len(block)
+  except OSError as e:
+    raise ConfigError(f"data.source: cannot read {path!r}: {e}") from None
+  return count
+
+
+def read_line_range(path: str, root: str, start: int, stop: int, newlines_before: int, *,
+                    text_field: str = "text", decode_errors: str = "replace",
+                    stats: ReadStats | None = None) -> Iterator[tuple[str, str]]:
+  """``(id, text)`` of the non-empty documents of a JSON Lines file whose lines start in bytes ``[start, stop)``.
+
+  Ranges that tile a file give, end to end, what ``read_documents`` gives for
+  the whole file, with the same ids: a line's number is one more than the
+  newlines before it, and ``newlines_before`` (those in bytes ``[0, start)``)
+  is counted by ``count_newlines`` over the ranges before this one.
+  """
+  stats = ReadStats() if stats is None else stats
+  rel = os.path.relpath(path, root)
+  try:
+    with open(path, "rb") as f:
+      line_no, pos = newlines_before + 1, start
+      if start > 0:
+        f.seek(start - 1)
+        # Through the newline that ends the line holding byte start - 1: a line starting before
+        # start belongs to the range before.
+        skipped = f.readline()
+        pos += len(skipped) - 1
+        line_no += int(len(skipped) > 1 and skipped.endswith(b"\n"))
+      while pos < stop:
+        line = f.readline()
+        if not line:
+          break
+        pos += len(line)
+        value = _jsonl_text(path, line_no, line[:-1] if line.endswith(b"\n") else line, text_field, decode_errors,
+                            stats)
+        line_no += 1
+        if value is not None and _counted(value, stats):
+          yield f"{rel}:{line_no - 1}", value
+  except OSError as e:
+    raise ConfigError(f"data.source: cannot read {path!r}: {e}") from None
+
+
+def _counted(text: str, stats: "ReadStats") -> bool:
+  """Whether `text` is a document (not empty or blank), counted in `stats` either way."""
+  if not text.strip():
+    stats.empty_skipped += 1
+    return False
+  stats.documents += 1
+  stats.characters += len(text)
+  return True
 
 
 def read_documents(paths: Sequence[str], root: str, *, txt_documents: str = "file",
@@ -189,12 +271,8 @@ def read_documents(paths: Sequence[str], root: str, *, txt_documents: str = "fil
   for path in paths:
     rel = os.path.relpath(path, root)
     for local_id, text in _raw_documents(path, txt_documents, text_field, decode_errors, stats):
-      if not text.strip():
-        stats.empty_skipped += 1
-        continue
-      stats.documents += 1
-      stats.characters += len(text)
-      yield f"{rel}:{local_id}", text
+      if _counted(text, stats):
+        yield f"{rel}:{local_id}", text
 
 
 def common_root(paths: Sequence[str]) -> str:

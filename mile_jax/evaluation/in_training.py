@@ -8,7 +8,9 @@
   `perplexity.evaluate` and `perplexity.bucket_metrics`: eval.py's `buckets`.
 * Every `train.eval_tasks_every` steps and at the last step: the benchmarks of
   `train.eval_tasks`, by `task_eval.score_all` on a `lm.LanguageModel`: eval.py's
-  benchmark scoring.
+  benchmark scoring. In a multi-process run every process scores its rows of
+  each batch on the run's mesh (`processes`); generation (TriviaQA) is scored
+  on one process only.
 
 Both read the parameters the train step just produced, where they are (the
 run's mesh and shardings): nothing is copied or written. With eval.py's
@@ -56,9 +58,6 @@ def prepare_tasks(train_config: Any, process_count: int = 1) -> list[task_eval.P
   t = train_config
   if not t.eval_tasks.strip():
     return []
-  if process_count > 1:
-    raise ConfigError(f"train.eval_tasks: benchmarks are scored during training on one process only, this run has "
-                      f"{process_count}; set train.eval_tasks='' and run eval.py on the checkpoints")
   shots = None if t.eval_tasks_shots < 0 else t.eval_tasks_shots
   try:
     names = tasks_lib.parse_task_names(t.eval_tasks)
@@ -66,6 +65,11 @@ def prepare_tasks(train_config: Any, process_count: int = 1) -> list[task_eval.P
     if text:
       raise ConfigError(f"train.eval_tasks: {', '.join(map(repr, text))} is not a benchmark; the validation loss "
                         f"and the perplexity per frequency bucket are logged at every train.eval_every steps")
+    generated = [n for n in names if tasks_lib.TASKS[n].output == "generate_until"]
+    if generated and process_count > 1:
+      raise ConfigError(f"train.eval_tasks: {', '.join(generated)} (generation) is scored during training on one "
+                        f"process only, this run has {process_count}; drop it from train.eval_tasks and run "
+                        "eval.py on the checkpoints")
     task_eval.check(names, num_fewshot=shots, task_source=t.eval_tasks_source, task_data_dir=t.eval_tasks_data_dir,
                     tfds_data_dir=t.eval_tasks_tfds_data_dir)
     return [task_eval.prepare(tasks_lib.TASKS[n], num_fewshot=task_eval.fewshot_for(tasks_lib.TASKS[n], shots),

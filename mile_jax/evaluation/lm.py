@@ -13,22 +13,30 @@ choices of one document share a single copy of its context (and of their
 common first tokens), several documents share a row, and logits are formed
 only where a continuation token is predicted. All batches of one call have
 one shape, so each call compiles at most once (never again for a shape seen
-before). Generation runs one prompt per row, left-padded to one of a few
+before). Each call runs the layout (`layouts`: a prefix tree with its mask on
+XLA's attention, or one segment per request for the flash kernels) and row
+width of least estimated FLOPs that fits the device's free memory. In a
+multi-process run every process scores a share of the requests
+(`processes`). Generation runs one prompt per row, left-padded to one of a few
 lengths (`length_buckets`).
 """
 
+import dataclasses
 import functools
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import tqdm
 
 from mile_jax.core import losses
 from mile_jax.core import model as model_lib
 from mile_jax.core import sharding
 from mile_jax.evaluation import generation
+from mile_jax.evaluation import layouts
 from mile_jax.evaluation import packed_requests
+from mile_jax.evaluation import processes
 from mile_jax.evaluation import scoring
 from mile_jax.evaluation.model_on_mesh import ModelOnMesh
 
@@ -44,10 +52,14 @@ def length_buckets(max_len: int, smallest: int = 32) -> tuple[int, ...]:
 
 def _score_packed(params, batch, *, model):
   """Log-probability of every scored slot's target and whether it is the argmax:
-  (G, S) float32 and (G, S) bool, for a `packed_requests.Batch`'s arrays."""
-  mask = packed_requests.attention_mask(batch["visible_until"])  # (B, 1, W, W)
-  hidden = model.apply({"params": params}, batch["inputs"], positions=batch["positions"], attention_mask=mask,
-                       return_hidden=True)  # (B, W, D)
+  (G, S) float32 and (G, S) bool, for a `packed_requests.Batch`'s arrays (either layout)."""
+  if "segment_ids" in batch:  # Causal within segments: the configured kernel.
+    hidden = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                         segment_ids=batch["segment_ids"], return_hidden=True)  # (B, W, D)
+  else:
+    mask = packed_requests.attention_mask(batch["visible_until"])  # (B, 1, W, W)
+    hidden = model.apply({"params": params}, batch["inputs"], positions=batch["positions"], attention_mask=mask,
+                         return_hidden=True)  # (B, W, D)
   (b, w, d), g = hidden.shape, batch["sources"].shape[0]
   hidden = hidden.reshape(g, b // g * w, d)  # Each group's rows stay on its shard.
   picked = jnp.take_along_axis(hidden, batch["sources"][:, :, None], axis=1)  # (G, S, D)
@@ -59,6 +71,13 @@ def _score_packed(params, batch, *, model):
   return logp, first == batch["targets"]
 
 
+def scoring_program(model, mesh):
+  """`_score_packed` of `model` jitted, its outputs split over `mesh`'s data-parallel
+  axes (each process reads back the scores of its own rows)."""
+  out = sharding.batch_sharding(mesh)
+  return jax.jit(functools.partial(_score_packed, model=model), out_shardings=(out, out))
+
+
 class LanguageModel:
   """Scores and continues text with a model on its mesh.
 
@@ -67,16 +86,24 @@ class LanguageModel:
       parameters (`in_training`); its `params` are read at every call.
     batch_size: rows per forward pass (rounded up to the data-parallel size).
     progress: show a progress bar per call.
+    layout: "auto" (by `layouts.choose`), "tree" or "segments".
+    memory_bytes: free bytes per device that a call may use; None: the
+      device's `memory_stats()` at each call (no limit where it has none).
 
-  `stats` holds the last log-likelihood call's shape and counts: requests,
-  batches, width (row slots), scored_width (unembedded positions per row
+  `stats` holds the last log-likelihood call's shape and counts: layout,
+  requests, batches (of the whole call, every process's), width (row slots), scored_width (unembedded positions per row
   group), slots (row slots computed, padding included), tokens (real input
   tokens), logit_rows (positions unembedded, padding included) and scored
   (continuation tokens scored).
   """
 
-  def __init__(self, loaded: ModelOnMesh, batch_size: int = 32, progress: bool = True):
+  def __init__(self, loaded: ModelOnMesh, batch_size: int = 32, progress: bool = True, layout: str = "auto",
+               memory_bytes: float | None = None):
+    if layout not in layouts.LAYOUTS:
+      raise ValueError(f"layout: must be one of {', '.join(layouts.LAYOUTS)}, got {layout!r}")
     self.loaded = loaded
+    self.layout = layout
+    self.memory_bytes = memory_bytes
     self.tokenizer = loaded.tokenizer
     dp = sharding.data_parallel_size(loaded.mesh)
     self.batch_size = -(-max(batch_size, 1) // dp) * dp
@@ -85,9 +112,9 @@ class LanguageModel:
     self.buckets = length_buckets(self.max_len)
     data = loaded.config.data
     self.prefix = [self.tokenizer.bos_id] if data.get("add_bos", False) else [self.tokenizer.eos_id]
-    self.progress = progress
-    self._score = jax.jit(functools.partial(_score_packed, model=loaded.model))
-    self._cost = packed_requests.Cost.of(loaded.model.cfg)
+    self.progress = progress and jax.process_index() == 0
+    self._processes = processes.mesh_processes(loaded.mesh)
+    self._score = scoring_program(loaded.model, loaded.mesh)
     self.stats: dict[str, int] = {}
     self._generator = generation.GreedyGenerator(loaded.model.cfg, loaded.mesh)
 
@@ -114,26 +141,54 @@ class LanguageModel:
                            desc: str = "loglikelihood") -> list[tuple[float, bool]]:
     """(sum of log p(continuation | context), continuation is the greedy one) per pair."""
     groups, same_as = packed_requests.make_groups(pairs, self.max_len)
-    width, scored, plans = packed_requests.choose(groups, self.batch_size, self._row_groups, self.max_len,
-                                                  self._cost)
-    self.stats = dict(requests=len(pairs), batches=len(plans), width=width, scored_width=scored,
-                      slots=len(plans) * self.batch_size * width, tokens=0,
+    cfg = self.loaded.model.cfg
+    device = layouts.device_of(self.loaded.mesh, cfg, self.max_len)
+    if self.memory_bytes is not None:
+      device = dataclasses.replace(device, memory_bytes=self.memory_bytes)
+    choice = layouts.choose(groups, self.batch_size, self.max_len, cfg, device, self.layout)
+    width, scored, plans = choice.width, choice.scored, choice.batches
+    self.stats = dict(layout=choice.name, requests=len(pairs), batches=len(plans), width=width,
+                      scored_width=scored, slots=len(plans) * self.batch_size * width, tokens=0,
                       logit_rows=len(plans) * self._row_groups * scored,
                       scored=sum(u.scored for rows in plans for row in rows for u in row))
+    spanning = len(self._processes) > 1  # One global batch fed by every process.
+    lo, hi = processes.local_rows(self.loaded.mesh, self.batch_size) if spanning else (0, self.batch_size)
+    per_group = self.batch_size // self._row_groups
+    groups_here = (hi - lo) // per_group
+    if not spanning and jax.process_count() > 1:  # Each process alone on its devices: a share of the batches.
+      plans = plans[jax.process_index()::jax.process_count()]
     owners, outputs = [], []
     with self.loaded.context():
       for rows in tqdm.tqdm(plans, desc=desc, disable=not self.progress, dynamic_ncols=True, leave=False):
         # Laid out while the device still runs the batch before (dispatch returns at once).
-        batch = packed_requests.layout(rows, width, self._row_groups, scored)
+        batch = packed_requests.layout(rows[lo:hi], width, groups_here, scored, choice.segments)
         self.stats["tokens"] += batch.tokens
         owners.append(batch.owner)
-        outputs.append(self._score(self.loaded.params, sharding.make_global_batch(batch.arrays, self.loaded.mesh)))
+        if spanning:
+          arrays = processes.global_batch(batch.arrays, self.loaded.mesh, self.batch_size, self._row_groups)
+        else:
+          arrays = sharding.make_global_batch(batch.arrays, self.loaded.mesh)
+        outputs.append(self._score(self.loaded.params, arrays))
         if len(outputs) > 1:  # The batch before has had the time of this one's layout to finish.
-          outputs[-2] = jax.device_get(outputs[-2])
-      outputs = jax.device_get(outputs)
+          outputs[-2] = self._fetch(outputs[-2], spanning)
+      outputs = [self._fetch(o, spanning) for o in outputs]
     logps, greedy = zip(*outputs) if outputs else ((), ())
     sums, all_greedy = packed_requests.totals(owners, logps, greedy, same_as)
+    if jax.process_count() > 1:
+      mine = np.zeros(len(pairs) + 1, bool)  # the last entry stands for "nothing to score" (same_as -1)
+      for owner in owners:
+        mine[owner[owner >= 0]] = True
+      sums, all_greedy = processes.combine(sums, all_greedy, mine[same_as])
     return [(float(x), bool(g)) for x, g in zip(sums, all_greedy)]
+
+  @staticmethod
+  def _fetch(output, spanning: bool):
+    """A batch's (logp, greedy) on the host: this process's rows of them when `spanning`."""
+    if isinstance(output[0], np.ndarray):
+      return output
+    if spanning:
+      return tuple(processes.local_part(x) for x in output)
+    return tuple(jax.device_get(output))
 
   def loglikelihood(self, requests: Sequence[tuple[str, str]], desc: str = "loglikelihood"):
     """(log p(continuation | context), is greedy) per (context, continuation) string pair."""

@@ -28,6 +28,13 @@ that each repeat the context. Each row is filled greedily with the longest
 unit that still fits; S is the most scored tokens of any row group, rounded
 up to a multiple of 8. Slots past a row's units are padding, read only by
 themselves.
+
+The segment layout (`segments=True`) gives every request a unit of its own
+(its context repeated, its input tokens one path) and says who reads whom
+with `segment_ids` instead: unit k of a row is segment k, padding segment 0.
+Causal attention within a segment is then the mask, which flash kernels
+(splash on TPU, cuDNN on GPU) take without a (W, W) mask in memory; the
+price is the repeated contexts. `layouts.choose` picks between the two.
 """
 
 import bisect
@@ -76,7 +83,8 @@ class Unit:
 class Batch:
   """One forward pass: `arrays` for the device, `owner` for the host.
 
-  arrays: inputs, positions, visible_until: (B, W) int32; sources, targets:
+  arrays: inputs, positions, and visible_until (tree) or segment_ids
+    (segments): (B, W) int32; sources, targets:
     (G, S) int32 for G groups of B / G rows: the slot, in the group's rows
     flattened to (B / G * W), whose hidden state predicts the target.
   owner: (G, S) int64, the request each scored slot belongs to, -1 for unused slots.
@@ -159,6 +167,17 @@ def split(groups: Sequence[Unit], capacity: int) -> list[Unit]:
   return units
 
 
+def one_per_request(groups: Sequence[Unit]) -> list[Unit]:
+  """The segment layout's units: one per request of `groups`, each repeating its context."""
+  units = []
+  for group in groups:
+    for request, continuation in group.members:
+      unit = Unit(group.context)
+      unit.add(request, continuation)
+      units.append(unit)
+  return units
+
+
 def plan(units: Sequence[Unit], batch_size: int, width: int) -> list[list[list[Unit]]]:
   """Batches of `batch_size` rows of at most `width` slots, holding every unit
   once: each row takes the longest unit left that fits, until none does."""
@@ -210,14 +229,25 @@ def candidate_widths(longest: int, max_len: int, smallest: int = 16) -> list[int
   return out
 
 
-def choose(groups, batch_size: int, row_groups: int, max_len: int, cost: Cost):
-  """(width, scored width, batches) of least estimated cost over `candidate_widths`
-  for `make_groups`'s groups in batches of `batch_size` rows, `row_groups` shards."""
-  longest = max((len(g.context) + len(x) - 1 for g in groups for _, x in g.members), default=1)
+def longest_request(groups: Sequence[Unit]) -> int:
+  """Slots of the longest request alone: its context and its input tokens."""
+  return max((len(g.context) + len(x) - 1 for g in groups for _, x in g.members), default=1)
+
+
+def candidates(groups, batch_size: int, row_groups: int, max_len: int, segments: bool = False):
+  """(width, scored width, batches) for every `candidate_widths` width: `make_groups`'s
+  groups in batches of `batch_size` rows, `row_groups` shards; the segment layout's
+  units (`one_per_request`) when `segments`."""
+  per_request = one_per_request(groups) if segments else None
+  for width in candidate_widths(longest_request(groups), max_len):
+    batches = plan(per_request if segments else split(groups, width), batch_size, width)
+    yield width, scored_width(batches, row_groups), batches
+
+
+def choose(groups, batch_size: int, row_groups: int, max_len: int, cost: Cost, segments: bool = False):
+  """(width, scored width, batches) of least estimated cost among `candidates`."""
   best = None
-  for width in candidate_widths(longest, max_len):
-    batches = plan(split(groups, width), batch_size, width)
-    s = scored_width(batches, row_groups)
+  for width, s, batches in candidates(groups, batch_size, row_groups, max_len, segments):
     estimate = cost.of_plan(len(batches), batch_size, width, s * row_groups)
     if best is None or estimate < best[0]:
       best = (estimate, width, s, batches)
@@ -236,14 +266,16 @@ def _place_tree(tree: dict, at: int, depth: int, inputs, positions, until, slot_
   return at
 
 
-def layout(rows: Sequence[Sequence[Unit]], width: int, groups: int, scored: int) -> Batch:
+def layout(rows: Sequence[Sequence[Unit]], width: int, groups: int, scored: int, segments: bool = False) -> Batch:
   """The device arrays of one planned batch: `rows` of units of at most
   `width` slots each, split into `groups` equal runs of rows that each have
-  at most `scored` scored slots."""
+  at most `scored` scored slots. With `segments` (units of one request each)
+  the arrays hold `segment_ids` (B, W) int32 instead of `visible_until`."""
   b = len(rows)
   per_group = b // groups
   inputs, positions = np.zeros((b, width), np.int32), np.zeros((b, width), np.int32)
   until = np.tile(np.arange(width, dtype=np.int32), (b, 1))  # Padding: read by itself only.
+  segment_ids = np.zeros((b, width), np.int32)
   sources, targets = np.zeros((groups, scored), np.int32), np.zeros((groups, scored), np.int32)
   owner = np.full((groups, scored), -1, np.int64)
   real, slot = 0, 0
@@ -253,7 +285,10 @@ def layout(rows: Sequence[Sequence[Unit]], width: int, groups: int, scored: int)
       slot = 0  # next free scored column of the group
     at = 0  # next free column of the row
     base = local * width  # the row's first slot in its group's flattened (rows x width) hidden states
-    for unit in row:
+    for k, unit in enumerate(row):
+      if segments and len(unit.members) != 1:
+        raise ValueError(f"the segment layout takes units of one request each, got {len(unit.members)}")
+      segment_ids[r, at:at + unit.length] = k + 1
       c = len(unit.context)
       inputs[r, at:at + c] = unit.context
       positions[r, at:at + c] = np.arange(c)
@@ -272,8 +307,11 @@ def layout(rows: Sequence[Sequence[Unit]], width: int, groups: int, scored: int)
         slot += n
       at = end
     real += at
-  arrays = {"inputs": inputs, "positions": positions, "visible_until": until, "sources": sources,
-            "targets": targets}
+  arrays = {"inputs": inputs, "positions": positions, "sources": sources, "targets": targets}
+  if segments:
+    arrays["segment_ids"] = segment_ids
+  else:
+    arrays["visible_until"] = until
   return Batch(arrays, owner, real)
 
 

@@ -3,7 +3,11 @@
 Every batch is reduced on device to sums per bucket (cross-entropy, its
 square, entropy, token count) and to each row's cross-entropy sum and token
 count; the host adds them up in float64 and divides once, so the result is
-exact over any number of batches and devices.
+exact over any number of batches and devices. On a mesh of one process's
+devices in a multi-process run (eval.py's), process p scores the batches
+p, p + P, ... alone and the processes exchange each batch's float64 sums
+(`processes.combine`), which every process then adds in batch order: the
+same sums, bit for bit, as one process scoring every batch on that mesh.
 
 Two standard errors of the mean cross-entropy ce = sum_i y_i / sum_i n_i
 (row i holds n_i target tokens whose cross-entropies sum to y_i):
@@ -30,6 +34,7 @@ import tqdm
 from mile_jax.core import losses
 from mile_jax.core import sharding
 from mile_jax.evaluation import buckets as buckets_lib
+from mile_jax.evaluation import processes as processes_lib
 from mile_jax.evaluation.errors import EvalError
 from mile_jax.evaluation.model_on_mesh import ModelOnMesh
 
@@ -98,7 +103,9 @@ def evaluate(loaded: ModelOnMesh, dataset: Any, *, batch_size: int, max_batches:
   first `max_batches` batches of that pass when `max_batches` is positive. A
   last batch that the rows do not fill is padded with rows of mask 0 (read
   from the next epoch, so of the same shape; they add no token and are not
-  counted as rows). `progress`: show a progress bar.
+  counted as rows). `progress`: show a progress bar (on process 0).
+  In a multi-process run every process of the run calls it (see the module
+  docstring for how they share the batches).
   """
   dp = sharding.data_parallel_size(loaded.mesh)
   if batch_size % dp:
@@ -114,9 +121,12 @@ def evaluate(loaded: ModelOnMesh, dataset: Any, *, batch_size: int, max_batches:
   buckets = jnp.asarray(bucket_of_id, jnp.int32)
   index, processes = _process_share(loaded.mesh)
   per_process = batch_size // processes
-  totals = None
+  alone = processes == 1 and jax.process_count() > 1  # One of several processes, on its own devices.
+  steps = range(jax.process_index(), count, jax.process_count()) if alone else range(count)
+  per_step = {}
   with loaded.context():
-    for step in tqdm.trange(count, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
+    for step in tqdm.tqdm(steps, desc=desc, disable=not progress or jax.process_index() != 0,
+                          dynamic_ncols=True, leave=False):
       local = dataset.batch(step, batch_size, index, processes)
       # Global row of each local row: step * B + index * B/P + i (the shares concatenated in process order).
       first = step * batch_size + index * per_process
@@ -127,8 +137,37 @@ def evaluate(loaded: ModelOnMesh, dataset: Any, *, batch_size: int, max_batches:
       sums = {k: np.asarray(v, np.float64) for k, v in sums.items()}
       sums.update(row_moments(sums.pop("row_ce"), sums.pop("row_tokens"),
                               rows=min(batch_size, rows - step * batch_size)))
-      totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
+      per_step[step] = sums
+  if alone:
+    per_step = _every_batch(per_step, count, num_buckets)
+  totals = per_step[0]
+  for step in range(1, count):  # In batch order, however the batches were shared out.
+    totals = {k: totals[k] + per_step[step][k] for k in totals}
   return totals
+
+
+def _every_batch(mine: dict[int, dict[str, np.ndarray]], count: int,
+                 num_buckets: int) -> dict[int, dict[str, np.ndarray]]:
+  """{step: sums} of all `count` batches from each process's {step: sums} of
+  its own (float64 arrays shaped as `evaluate` adds them, K = `num_buckets`).
+  A collective: every process of the run calls it."""
+  k = num_buckets
+  shapes = {"ce_sum": (k,), "ce_sq_sum": (k,), "entropy_sum": (k,), "tokens": (k,), "row_ce_sq_sum": (k, k),
+            "row_ce_tokens_sum": (k, k), "row_tokens_sq_sum": (k, k), "rows": (k,)}
+  width = sum(math.prod(shape) for shape in shapes.values())
+  flat = np.zeros((count, width), np.float64)  # (batches, width): this process's batches filled in
+  for step, sums in mine.items():
+    assert set(sums) == set(shapes), sorted(sums)
+    flat[step] = np.concatenate([np.asarray(sums[key], np.float64).ravel() for key in shapes])
+  scored = np.zeros((count, width), bool)
+  scored[list(mine)] = True
+  every, _ = processes_lib.combine(flat.ravel(), np.zeros(flat.size, bool), scored.ravel())
+  every = every.reshape(count, width)
+  out = {}
+  for step in range(count):
+    parts = np.split(every[step], np.cumsum([math.prod(shape) for shape in shapes.values()])[:-1])
+    out[step] = {key: part.reshape(shape) for (key, shape), part in zip(shapes.items(), parts)}
+  return out
 
 
 def summarize(sums: dict[str, np.ndarray], index: int | slice = slice(None)) -> dict[str, float]:

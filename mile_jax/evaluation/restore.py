@@ -4,7 +4,7 @@ A run's workdir holds `config.json`, `tokenizer.model`, `token_counts.npy` and
 `checkpoints/<step>/`. The train state is restored through the same model
 code and sharding rules as training, onto a mesh built from whatever devices
 this process has (`mesh_shape`, default all of them in FSDP), so a checkpoint
-written on a pod restores on one CPU. Only the parameters are read
+written on a pod restores on one CPU, or on each host of a pod alone. Only the parameters are read
 (`Checkpointer.restore_params`): the optimizer state, twice the parameters'
 size under AdamW, stays on disk.
 """
@@ -28,6 +28,7 @@ from mile_jax.errors import ConfigError
 from mile_jax.evaluation.errors import EvalError
 from mile_jax.evaluation.model_on_mesh import ModelOnMesh
 from mile_jax.run import checkpoint as checkpoint_lib
+from mile_jax.run import checkpoint_steps
 from mile_jax.run import workdir as workdir_lib
 
 DEFAULT_MESH_SHAPE = (1, -1, 1)
@@ -84,16 +85,14 @@ def config_hash(config_json: dict) -> str:
   return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:12]
 
 
-def _steps_in(checkpoint_dir: str) -> list[int]:
-  root = workdir_lib.path(checkpoint_dir)
-  if not root.is_dir():
-    return []
-  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
-
-
 def locate(path: str, step: int | None) -> tuple[str, str, int]:
   """(workdir, checkpoint directory, step) for a workdir, its `checkpoints/`
-  or one `checkpoints/<step>` directory; the latest step when `step` is None."""
+  or one `checkpoints/<step>` directory; the latest step when `step` is None.
+
+  Only finished steps not marked unreadable count (`checkpoint_steps`): on an
+  object store a save in progress, or one a crash cut short, leaves a
+  numbered directory that is not a checkpoint.
+  """
   path = workdir_lib.resolve(path)
   if not workdir_lib.path(path).is_dir():
     raise EvalError(f"--workdir: no such directory {path}")
@@ -105,7 +104,12 @@ def locate(path: str, step: int | None) -> tuple[str, str, int]:
   else:
     checkpoint_dir = workdir_lib.join(path, "checkpoints")
   workdir = checkpoint_dir.rsplit("/", 1)[0]
-  steps = _steps_in(checkpoint_dir)
+  steps = checkpoint_steps.readable_steps(checkpoint_dir)
+  if step is not None and step not in steps and step in checkpoint_steps.numbered_steps(checkpoint_dir):
+    why = ("is marked unreadable" if step in checkpoint_steps.unreadable_steps(checkpoint_dir)
+           else "is not finished (a save in progress, or one cut short)")
+    raise EvalError(f"--step: checkpoint {workdir_lib.join(checkpoint_dir, str(step))} {why}; "
+                    f"readable steps: {steps}")
   if not steps:
     raise EvalError(f"--workdir: no checkpoints in {checkpoint_dir}; train first "
                     f"(python train.py --workdir {workdir}) or point --workdir at a trained run")
@@ -140,11 +144,10 @@ def restore(path: str, step: int | None = None, mesh_shape: Sequence[int] = DEFA
   Args:
     path: a workdir, its `checkpoints/` directory or one `checkpoints/<step>/`.
     mesh_shape: (data, fsdp, tensor) over `devices`; one -1 allowed.
-    devices: default this process's devices (`jax.local_devices()`). eval.py
-      is one process: its scorers build every batch whole on the host and
-      hand it over as this process's rows, which is right only on a mesh of
-      this process's devices (in a multi-process runtime, each process would
-      evaluate alone on its own devices).
+    devices: default this process's devices (`jax.local_devices()`). In a
+      multi-process run every process calls this (Orbax's read ends at a
+      barrier of all processes) and gets the whole model on its own devices; eval.py's
+      scorers then share out their batches among the processes (`processes`).
   Raises:
     EvalError: naming the directory, file or flag to fix, before any compile.
   """

@@ -156,9 +156,12 @@ def evaluate(opts: EvalOptions, samples: dict[str, list[dict]] | None = None, ch
 
 def evaluate_and_report(opts: EvalOptions, echo=print) -> str:
   """`evaluate`, then writes the JSON file (and with `log_samples`, the
-  samples files beside it) and prints the table; returns the file's path."""
+  samples files beside it) and prints the table; returns the file's path
+  ("" on a process other than 0 of a multi-process run, which writes nothing)."""
   samples = {} if opts.log_samples else None
   result = evaluate(opts, samples, check_output=True)
+  if jax.process_index() != 0:  # Every process has the same result; one writes it.
+    return ""
   path = report.write_json(result, opts.output or report.default_path(result))
   echo(report.markdown(result))
   echo(f"\nWrote {path}")

@@ -3,10 +3,16 @@
     python -m mile_jax.hf export --workdir DIR [--step N] --out HF_DIR [--dtype float32|bfloat16]
     python -m mile_jax.hf import --hf_dir HF_DIR --workdir DIR [--step N] [--config FILE --config.x=...]
 
+On several hosts, run the same command on each with --coordinator_address,
+--num_processes and --process_id (or $JAX_COORDINATOR_ADDRESS, ... as
+train.py and eval.py; `process_flags`): `export` is written once, by process
+0, and is complete when the command returns on any process.
+
 `export` writes what `AutoModelForCausalLM.from_pretrained(HF_DIR)` and
 `AutoTokenizer.from_pretrained(HF_DIR)` load without extra code: config.json
 (LlamaConfig), model.safetensors (sharded with an index above
---max_shard_mb), generation_config.json, and the run's SentencePiece model
+--max_shard_mb; the parameters read from the checkpoint's files one array at a
+time, so host memory stays near the largest array, see `exporter`), generation_config.json, and the run's SentencePiece model
 both as it is (tokenizer.model) and as a fast tokenizer (tokenizer.json, see
 `hf_tokenizer`). It needs the `tokenizers` package (the `eval` extra:
 `pip install -e ".[eval]"`).
@@ -25,9 +31,7 @@ or torch runs here. Exit status: 0 done; 2 bad input, with one line on
 stderr (`HF error: ...`, `Config error: ...`, `Eval error: ...`).
 """
 
-import json
 import os
-import shutil
 import sys
 import types
 from typing import Any
@@ -38,22 +42,21 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-import ml_dtypes
 import numpy as np
 from ml_collections import config_flags
 
 from mile_jax import config_lib
+from mile_jax import process_flags
 from mile_jax import train_lib
 from mile_jax.data import tokenizer as tokenizer_lib
-from mile_jax.evaluation import restore as restore_lib
 from mile_jax.evaluation.errors import EvalError
+from mile_jax.hf import exporter
 from mile_jax.hf import layout as hf_layout
-from mile_jax.hf import safetensors_io
 from mile_jax.hf.layout import HFError
 from mile_jax.run import checkpoint as checkpoint_lib
 from mile_jax.run import workdir as workdir_lib
 
-DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+DTYPES = exporter.DTYPES
 # LlamaConfig's bos_token_id where config.json has none.
 LLAMA_BOS_ID = 1
 
@@ -65,57 +68,17 @@ def _require(module: str, command: str):
     raise HFError(f"{command} needs {requirements_check.install_hint(module)}") from None
 
 
-def _check_out(out: str) -> None:
-  """Raises HFError unless `out` is a new or empty directory that can be created and written."""
-  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-    raise HFError(f"--out: {out} exists and is not an empty directory; choose a new one")
-  parent = os.path.dirname(out)
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-    raise HFError(f"--out: {out} cannot be created ({parent} is not a writable directory)")
-
-
 def export(workdir: str, out: str, step: int | None = None, dtype: str = "float32",
            max_shard_bytes: int = 5 << 30) -> list[str]:
   """Writes the checkpoint at `step` (default latest) of the run at `workdir` as a
-  transformers LLaMA directory `out` (which must not exist or be empty). Returns the files written.
+  transformers LLaMA directory `out` (which must not exist or be empty), one saved
+  array at a time (`exporter`). Returns the files written (none on processes other than 0).
 
   Raises:
     HFError, EvalError: naming the flag, file or directory to fix.
   """
   _require("tokenizers", "export")
-  from mile_jax.hf import tokenizer as hf_tokenizer  # pylint: disable=import-outside-toplevel
-  if dtype not in DTYPES:
-    raise HFError(f"--dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
-  if max_shard_bytes <= 0:
-    raise HFError(f"--max_shard_mb: must be a positive number of MiB, got {max_shard_bytes / (1 << 20):g}")
-  out = os.path.abspath(out)
-  _check_out(out)
-  restored = restore_lib.restore(workdir, step, mesh_shape=(1, 1, 1), devices=jax.devices()[:1])
-  model, data = restored.config.model, restored.config.data
-  tok = restored.tokenizer
-  doc_start = tok.bos_id if data.get("add_bos", False) else tok.eos_id
-  tmp = f"{out}.tmp-export"
-  shutil.rmtree(tmp, ignore_errors=True)
-  try:
-    hf_tokenizer.write(tmp, tok.serialized_model(), doc_start_id=doc_start, model_max_length=model.max_seq_len)
-    params = jax.device_get(restored.params)
-    tensors = {k: v.astype(DTYPES[dtype]) for k, v in hf_layout.to_hf(params, model.n_layers).items()}
-    files = safetensors_io.write_dir(tmp, tensors, max_shard_bytes)
-    ids = {"bos_id": doc_start, "eos_id": tok.eos_id, "pad_id": tok.pad_id if tok.pad_id >= 0 else None}
-    config = hf_layout.hf_config(model, dtype=dtype, **ids)
-    generation = {"bos_token_id": ids["bos_id"], "eos_token_id": ids["eos_id"], "pad_token_id": ids["pad_id"]}
-    for name, content in (("config.json", config), ("generation_config.json", generation)):
-      with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-        json.dump(content, f, indent=2)
-    if os.path.isdir(out):
-      os.rmdir(out)
-    os.replace(tmp, out)
-  except OSError as e:  # A full disk, or permissions that os.access did not foresee.
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise HFError(f"--out: cannot write {out}: {e.strerror or e}") from None
-  return sorted(os.listdir(out))
+  return exporter.export(workdir, out, step, dtype, max_shard_bytes)
 
 
 def _starts_with_bos(hf: dict, tokenizer, where: str) -> bool:
@@ -213,11 +176,12 @@ def _define_flags() -> None:
                                 "write the checkpoint at (default 0)."),
       out=flags.DEFINE_string("out", None, "export: the transformers directory to write (new or empty)."),
       dtype=flags.DEFINE_string("dtype", "float32", f"export: dtype of the saved weights: {' or '.join(DTYPES)}."),
-      max_shard_mb=flags.DEFINE_integer("max_shard_mb", 5120, "export: largest safetensors file (MiB) before "
+      max_shard_mb=flags.DEFINE_float("max_shard_mb", 5120, "export: largest safetensors file (MiB) before "
                                         "the weights are split into shards with an index."),
       hf_dir=flags.DEFINE_string("hf_dir", None, "import: a transformers LLaMA directory (config.json, "
                                  "model.safetensors or its sharded index, tokenizer.model)."),
       config=config_flags.DEFINE_config_file("config", None, "import: a config file for the non-model settings."))
+  process_flags.define_flags(__name__)
 
 
 def main(argv):
@@ -229,11 +193,14 @@ def main(argv):
     if command == "export" and len(argv) == 2:
       if not f.workdir or not f.out:
         raise HFError("export needs --workdir and --out")
-      files = export(f.workdir, f.out, f.step, f.dtype, f.max_shard_mb << 20)
-      print(f"Wrote {os.path.abspath(f.out)}: {', '.join(files)}")
+      process_flags.join()
+      files = export(f.workdir, f.out, f.step, f.dtype, int(f.max_shard_mb * (1 << 20)))
+      if jax.process_index() == 0:  # The one that wrote them.
+        print(f"Wrote {os.path.abspath(f.out)}: {', '.join(files)}")
     elif command == "import" and len(argv) == 2:
       if not f.hf_dir or not f.workdir:
         raise HFError("import needs --hf_dir and --workdir")
+      process_flags.join()
       path = import_hf(f.hf_dir, f.workdir, f.config, f.step or 0)
       print(f"Wrote {path}")
     else:

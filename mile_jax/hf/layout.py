@@ -237,6 +237,30 @@ def _from_hf(path: tuple[str, ...], x: np.ndarray, head_dim: int) -> np.ndarray:
   return x.T
 
 
+def hf_view(path: tuple[str, ...], x: np.ndarray) -> np.ndarray:
+  """The transformers layout of the array at `path` (one layer's), as a NumPy view of `x`."""
+  return _to_hf(path, x)
+
+
+def export_order(n_layers: int, scanned: bool) -> list[tuple[tuple[str, ...], list[tuple[str, tuple, int | None]]]]:
+  """[(path of a saved parameter array, [(transformers name, per-layer path, layer or None)])]:
+  each saved array once, with the tensors made from it (from a scanned `layers` array,
+  layer i of its leading axis for every i), in the order `names` lists them when the
+  blocks are unrolled. The per-layer path is the one `hf_view` takes."""
+  expected = names(n_layers)
+  if not scanned:
+    return [(path, [(name, path, None)]) for name, path in expected.items()]
+  first, per_layer = {}, {}
+  for name, path in expected.items():
+    if path[0].startswith(model_lib.LAYER_PREFIX):
+      stacked = (model_lib.SCANNED, *path[1:])
+      per_layer.setdefault(stacked, []).append((name, path, int(path[0][len(model_lib.LAYER_PREFIX):])))
+      first.setdefault(stacked, None)
+    else:
+      first[path] = [(name, path, None)]
+  return [(path, tensors if tensors is not None else per_layer[path]) for path, tensors in first.items()]
+
+
 def to_hf(params: Any, n_layers: int) -> dict[str, np.ndarray]:
   """{transformers name: array (C-contiguous)} from a host parameter tree (any float dtype),
   its blocks unrolled or scanned (`model.scan_layers`)."""
@@ -252,7 +276,8 @@ def to_hf(params: Any, n_layers: int) -> dict[str, np.ndarray]:
 
 def from_hf(tensors: dict[str, np.ndarray], abstract_params: Any, n_layers: int, head_dim: int,
             where: str = "", tie_word_embeddings: bool = False) -> tuple[Any, list[str]]:
-  """(parameter tree of array views in the stored dtype, notes) from transformers tensors.
+  """(parameter tree of array views in the stored dtype, notes) from transformers tensors
+  (NumPy arrays, or `safetensors_io.LazyTensor`s that stay unread until sliced).
 
   `abstract_params` (leaves with `.shape`) gives the expected shapes and the
   layout: with scanned blocks (`model.scan_layers`) each `layers` leaf is a
@@ -286,7 +311,8 @@ def from_hf(tensors: dict[str, np.ndarray], abstract_params: Any, n_layers: int,
     node, want = tree, abstract_params
     for part in path:
       want = want[part]
-    value = _from_hf(path, tensors[name], head_dim)
+    tensor, convert = tensors[name], lambda x, path=path: _from_hf(path, x, head_dim)
+    value = tensor.apply(convert) if isinstance(tensor, safetensors_io.LazyTensor) else convert(tensor)
     if tuple(value.shape) != tuple(want.shape):
       raise HFError(f"{where}: tensor {name} has shape {tuple(tensors[name].shape)}, which is "
                     f"{tuple(value.shape)} in this layout; the model needs {tuple(want.shape)}")
@@ -313,8 +339,14 @@ class StackedView:
     first, rest = (index[0], index[1:]) if index else (slice(None), ())
     layers = range(len(self.views))[first]
     if isinstance(layers, int):
-      return np.asarray(self.views[layers][rest])
-    return np.stack([np.asarray(self.views[i][rest]) for i in layers])
+      return np.array(self.views[layers][rest])
+    out = None
+    for j, i in enumerate(layers):  # Filled layer by layer: no list of copies beside the result.
+      layer = self.views[i][rest]
+      if out is None:
+        out = np.empty((len(layers), *np.shape(layer)), self.dtype)
+      out[j] = layer
+    return out if out is not None else np.empty((0, *self.shape[1:]), self.dtype)[(slice(None), *rest)]
 
   def __array__(self, dtype=None, copy=None):
     del copy
@@ -323,8 +355,8 @@ class StackedView:
 
 
 def load_params(hf_dir: str, abstract_params: Any, n_layers: int, head_dim: int, echo=print) -> Any:
-  """`from_hf` of the directory's safetensors (single file or sharded), memory-mapped;
-  its notes go to `echo`."""
+  """`from_hf` of the directory's safetensors (single file or sharded): leaves that read
+  their file only when sliced (`safetensors_io.LazyTensor`); its notes go to `echo`."""
   try:
     tensors = safetensors_io.read_dir(hf_dir)
   except (safetensors_io.SafetensorsError, OSError) as e:
@@ -347,8 +379,15 @@ def with_hf_tokenizer(config: Any) -> Any:
   return config
 
 
+def _owned_float32(x: np.ndarray) -> np.ndarray:
+  """`x` as float32 in memory of its own: copied unless it already owns its data (a stacked slice)."""
+  return x.astype(np.float32) if x.dtype != np.float32 or not x.flags.owndata else x
+
+
 def place(tree: Any, shardings: Any) -> Any:
-  """float32 jax.Arrays with `shardings`, each device reading only its own slice of the views."""
+  """float32 jax.Arrays with `shardings`, placed one leaf at a time, each device reading only
+  its own slice of the views. The slice is copied off the file: a CPU backend would otherwise
+  keep the memory-mapped view as the device buffer, and with it the file's pages in memory."""
   def one(view, sharding):
-    return jax.make_array_from_callback(view.shape, sharding, lambda index: np.asarray(view[index], np.float32))
+    return jax.make_array_from_callback(view.shape, sharding, lambda index: _owned_float32(view[index]))
   return jax.tree.map(one, tree, shardings)

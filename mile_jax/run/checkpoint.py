@@ -8,12 +8,14 @@ A checkpoint `<dir>/<step>/` holds three items:
   iterator's state is the step), and the tokenizer (its SentencePiece model,
   base64, and its SHA-256).
 
-Orbax writes a step into a temporary directory and renames it when complete,
-so a process killed while saving leaves no half checkpoint among the steps.
-A step that is listed but shown to be damaged when read (see
-`Checkpointer.damage_reason`) is moved aside to `<dir>/<step>.unreadable`
-(never deleted) and the previous one restored; any other failure to read it
-(out of memory, a timeout of the object store) is raised and nothing moves.
+Only finished steps are listed (`checkpoint_steps`): on a filesystem Orbax
+renames a complete step into place, on an object store it writes
+`commit_success.txt` last, so a process killed while saving leaves no step
+that is read. A step that is listed but shown to be damaged when read (see
+`Checkpointer.damage_reason`; on an object store a missing object is read
+again before it is believed) is marked `<dir>/<step>.unreadable`, nothing
+copied or moved, and the previous one restored; any other failure to read
+it (out of memory, a timeout of the object store) is raised and nothing is marked.
 
 A failed save raises CheckpointError naming the step, the reason and the last
 complete checkpoint: Orbax deletes old steps only once a new one is complete,
@@ -28,6 +30,7 @@ warning says what failed, so those echoes are dropped (`checkpoint_errors.quiet_
 import base64
 import hashlib
 import logging
+import time
 from typing import Any
 
 import jax
@@ -38,9 +41,11 @@ from jax.experimental import multihost_utils
 from mile_jax import config_lib
 from mile_jax.core import model as model_lib
 from mile_jax.run import checkpoint_errors
+from mile_jax.run import checkpoint_steps
 from mile_jax.run import workdir as workdir_lib
 
-UNREADABLE_SUFFIX = ".unreadable"
+# Seconds to wait before each new read of a step whose objects an object store reported missing.
+OBJECT_STORE_RETRY_DELAYS = (1.0, 4.0)
 # What restore_latest's processes report of one step.
 _RESTORED, _DAMAGED, _FAILED = 0, 1, 2
 
@@ -68,10 +73,13 @@ class Checkpointer:
     checkpoint_errors.quiet_orbax_echoes()
 
   def latest_step(self) -> int | None:
-    return self._manager.latest_step()
+    steps = self.all_steps()
+    return steps[-1] if steps else None
 
   def all_steps(self) -> list[int]:
-    return sorted(self._manager.all_steps())
+    """The finished steps, ascending, less those marked unreadable."""
+    marked = checkpoint_steps.unreadable_steps(self.directory)
+    return sorted(s for s in self._manager.all_steps() if s not in marked)
 
   def step_path(self, step: int) -> str:
     return workdir_lib.join(self.directory, str(step))
@@ -92,6 +100,9 @@ class Checkpointer:
       CheckpointError: this save or the previous one failed.
     """
     self._finish_pending()
+    superseded = sorted(s for s in checkpoint_steps.unreadable_steps(self.directory) if s <= step)
+    if superseded:
+      self._remove_unreadable(superseded)
     items = {"state": ocp.args.StandardSave(state)}
     if config_json is not None:
       items["config"] = ocp.args.JsonSave(config_json)
@@ -122,6 +133,31 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       last = f"{self.directory} cannot be listed ({checkpoint_errors.describe_error(e)})"
     return CheckpointError(f"could not save step {step} to {self.step_path(step)} ({checkpoint_errors.describe_error(error)}); {last}")
+
+  def _remove_unreadable(self, steps: list[int]) -> None:
+    """Deletes `steps`, marked unreadable, before this run saves that step or a later one: kept
+    beside the good ones, Orbax would count them among the `max_to_keep` newest."""
+    if jax.process_index() == 0:
+      for step in steps:
+        checkpoint_steps.remove_step(self.directory, step)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("mile_jax_checkpoint_remove_unreadable")
+    self._manager.reload()
+
+  def _restore_retrying(self, step: int, abstract_state: Any) -> Any:
+    """`restore`, read again after a pause when an object store reports an object
+    missing (a listing that lags, a read racing a write) before that is believed."""
+    delays = OBJECT_STORE_RETRY_DELAYS if workdir_lib.is_remote(self.directory) else ()
+    for delay in delays:
+      try:
+        return self.restore(step, abstract_state)
+      except Exception as e:  # pylint: disable=broad-except
+        if not checkpoint_errors.is_missing(e):
+          raise
+        logging.warning("Reading checkpoint %s again in %.0f s (%s)", self.step_path(step), delay,
+                        checkpoint_errors.describe_error(e))
+        time.sleep(delay)
+    return self.restore(step, abstract_state)
 
   def restore(self, step: int, abstract_state: Any) -> Any:
     """Restores the state at `step` with the shardings of `abstract_state`'s leaves.
@@ -200,7 +236,7 @@ class Checkpointer:
     Every process tries the same steps, process 0's, newest first, and all
     act on what all found: a step restored by every process is resumed from;
     one shown damaged on any process (`damage_reason`) is reported through
-    `warn`, naming it and the step restored instead, and moved aside.
+    `warn`, naming it and the step restored instead, and marked unreadable.
 
     Raises:
       CheckpointError: a step failed to restore on some process without being
@@ -210,7 +246,7 @@ class Checkpointer:
     for step in self._steps_of_process_0():
       state, failure, why = None, None, None
       try:
-        state = self.restore(step, abstract_state)
+        state = self._restore_retrying(step, abstract_state)
       except Exception as e:  # pylint: disable=broad-except
         failure, why = e, self.damage_reason(step, e, abstract_state)
       outcome = _RESTORED if failure is None else _FAILED if why is None else _DAMAGED
@@ -220,21 +256,22 @@ class Checkpointer:
                   else f"on process {int(np.argmax(outcomes == _FAILED))}: see its output")
         raise CheckpointError(
             f"could not read checkpoint {self.step_path(step)} ({reason}); nothing shows that it is damaged, "
-            f"so it is left in place: run again once that is resolved, or move it away to resume from the "
-            f"one before") from failure
+            f"so it is left as it is: run again once that is resolved, or mark it unreadable (create "
+            f"{checkpoint_steps.mark_path(self.directory, step)}) to resume from the one before") from failure
       if (outcomes == _DAMAGED).any():
         damaged.append((step, why or f"unreadable on process {int(np.argmax(outcomes == _DAMAGED))}"))
         continue
       if damaged:
         bad = ", ".join(f"{self.step_path(s)} ({why})" for s, why in damaged)
         warn(f"Checkpoint {bad} is unreadable; restored the previous one, {self.step_path(step)}, "
-             f"instead. The unreadable one is kept as {self.step_path(damaged[0][0])}{UNREADABLE_SUFFIX}")
-        self._move_aside([s for s, _ in damaged])
+             f"instead. The unreadable one is kept, marked by {checkpoint_steps.mark_path(self.directory, damaged[0][0])}, "
+             f"until this run saves that step or a later one")
+        self._mark_unreadable(damaged)
       return step, state
     if damaged:
       detail = "; ".join(f"step {s}: {why}" for s, why in damaged)
       raise CheckpointError(f"no readable checkpoint in {self.directory} ({detail}). Move that directory "
-                            "away to start afresh")
+                            "away (or use another --workdir) to start afresh")
     return None
 
   def damage_reason(self, step: int, error: BaseException, abstract_state: Any) -> str | None:
@@ -270,18 +307,13 @@ class Checkpointer:
     mine[:min(count, len(steps))] = steps[:count]
     return [int(s) for s in multihost_utils.broadcast_one_to_all(mine)]
 
-  def _move_aside(self, steps: list[int]) -> None:
-    """Renames unreadable steps so that Orbax neither lists nor overwrites nor deletes them."""
+  def _mark_unreadable(self, damaged: list[tuple[int, str]]) -> None:
+    """Marks unreadable steps (`checkpoint_steps.mark_unreadable`) so that no reader lists them."""
     if jax.process_index() == 0:
-      for step in steps:
-        target = self.step_path(step) + UNREADABLE_SUFFIX
-        suffix = 1
-        while workdir_lib.path(target).exists():
-          target, suffix = f"{self.step_path(step)}{UNREADABLE_SUFFIX}{suffix}", suffix + 1
-        workdir_lib.path(self.step_path(step)).rename(target)
+      for step, why in damaged:
+        checkpoint_steps.mark_unreadable(self.directory, step, why)
     if jax.process_count() > 1:
-      multihost_utils.sync_global_devices("mile_jax_checkpoint_move_aside")
-    self._manager.reload()
+      multihost_utils.sync_global_devices("mile_jax_checkpoint_mark_unreadable")
 
   def wait(self) -> None:
     """Blocks until the save in progress (if any) is complete.

@@ -4,7 +4,9 @@
   (a status code of TensorStore's that says so, or a failed decompression or
   checksum, which TensorStore may report with no status code), so falling
   back to an older step is right; `is_transient`: the reader failed
-  (out of memory, an object-store timeout), and another try may succeed.
+  (out of memory, an object-store timeout), and another try may succeed;
+  `is_missing`: NOT_FOUND or FAILED_PRECONDITION, damage that an object
+  store may also answer for a while (retried there before it is believed).
 - `describe_error`: the reason to print, in the operating system's words
   where a cause has them.
 - `quiet_orbax_echoes`: Orbax reports one failed read or write many times
@@ -48,6 +50,18 @@ def _status(error: BaseException) -> str | None:
 
 def is_transient(error: BaseException) -> bool:
   return any(isinstance(e, _TRANSIENT_TYPES) or _status(e) in _TRANSIENT_CODES for e in _chain(error))
+
+
+def is_missing(error: BaseException) -> bool:
+  """The error says a file is missing or not in the expected state (NOT_FOUND,
+  FAILED_PRECONDITION): damage on a filesystem, but on an object store also
+  what a read racing a write or a listing that lags can answer, so worth a
+  second try there before calling the step damaged."""
+  chain = _chain(error)
+  if any(_DAMAGE_WORDS.search(str(e)) for e in chain):  # Bytes that were read and do not decode.
+    return False
+  return any(isinstance(e, FileNotFoundError) or _status(e) in ("NOT_FOUND", "FAILED_PRECONDITION")
+             for e in chain)
 
 
 def shows_damage(error: BaseException) -> bool:

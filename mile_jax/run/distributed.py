@@ -14,15 +14,23 @@ device. How the processes find each other, the first that applies wins:
 
 On CPU, processes exchange data through gloo, JAX's default
 `jax_cpu_collectives_implementation`.
+
+A process that stops on an error (a failed save, a bad config) says so through
+the coordination service's key-value store (`announce_failure`), and every
+other process, watching for it (`FailureWatch`), stops within a second with
+that one line, instead of waiting in its next collective until a timeout.
 """
 
 import dataclasses
 import glob
 import importlib.util
 import os
+import sys
+import threading
 from typing import Any, Mapping
 
 import jax
+import tqdm
 
 from mile_jax import config_lib
 
@@ -112,3 +120,77 @@ def initialize(dist_config: Any, environ: Mapping[str, str] | None = None) -> La
     jax.distributed.initialize()
   return launch
 
+
+
+FAILURE_KEY = "mile_jax/failed"
+
+
+def _client():
+  """The coordination service's client of this process, or None when alone."""
+  from jax._src import distributed as jax_distributed  # pylint: disable=import-outside-toplevel
+  return jax_distributed.global_state.client
+
+
+def announce_failure(message: str) -> None:
+  """Tells every process of the run that this one is stopping with `message`
+  (a no-op alone), so that they stop too instead of waiting in the next
+  collective or barrier for a process that is gone (`FailureWatch`)."""
+  client = _client()
+  if client is None:
+    return
+  try:
+    client.key_value_set(FAILURE_KEY, f"process {jax.process_index()}: {message}")
+  except Exception:  # pylint: disable=broad-except  # The service may be gone already.
+    pass
+
+
+class FailureWatch:
+  """While entered in a multi-process run, a daemon thread waits for another
+  process's `announce_failure` and then ends this process at once, printing
+  `Training stopped: process N: <its message>` (exit status 1): this process
+  may be blocked in a collective that can never complete, where no exception
+  could reach it. The coordination service going away (process 0 ended) also
+  stops it, with a line that says so.
+  """
+
+  POLL_MS = 1000
+
+  def __init__(self, stream=None):
+    self._stream = stream
+    self._closing = threading.Event()
+    self._thread = None
+
+  def __enter__(self):
+    client = _client()
+    if client is not None:
+      self._thread = threading.Thread(target=self._watch, args=(client,), name="mile_jax-failures", daemon=True)
+      self._thread.start()
+    return self
+
+  def _watch(self, client) -> None:
+    while not self._closing.is_set():
+      try:
+        message = client.blocking_key_value_get(FAILURE_KEY, self.POLL_MS)
+      except Exception as e:  # pylint: disable=broad-except
+        if self._closing.is_set():
+          return
+        if "DEADLINE_EXCEEDED" in str(e):
+          continue
+        self._stop(f"lost the run's coordination service ({str(e).splitlines()[0][:200]}); process 0 has "
+                   f"probably stopped: see its output")
+        return
+      if not self._closing.is_set():
+        self._stop(message)
+      return
+
+  def _stop(self, message: str) -> None:
+    stream = self._stream or sys.stderr
+    tqdm.tqdm.write(f"Training stopped: {message}", file=stream)  # On a line of its own below the progress bar.
+    stream.flush()
+    sys.stdout.flush()
+    os._exit(1)  # pylint: disable=protected-access  # The main thread may never return from a collective.
+
+  def __exit__(self, *exc):
+    self._closing.set()
+    if self._thread is not None:
+      self._thread.join(timeout=2 * self.POLL_MS / 1000)

@@ -4,9 +4,12 @@
   second run refuses to start, a lock left by a dead process is taken over.
   On a filesystem, taking (or taking over) and releasing happen under an
   exclusive `flock` of `<workdir>/lock.guard`, so two runs cannot both take
-  it. On an object store (gs://) the lock is written and read through epath
-  with no such guard: a run checks after writing that the lock holds its own
-  token, but two runs started within the same second could still both take it.
+  it. On an object store (gs://) every write of the lock is conditional on
+  the object's generation (GCS `ifGenerationMatch`, through TensorStore):
+  taking it creates the object only if it does not exist, taking over a
+  stale one replaces only the generation judged stale, the heartbeat and the
+  release touch only the generation this run wrote, so of two runs starting
+  together one takes it and the other is refused.
 - `StopSignals`: SIGTERM and SIGINT become a request to stop after the
   current step (the loop then saves and returns). In a multi-process run the
   JAX preemption service owns SIGTERM, and every process asks
@@ -61,10 +64,11 @@ class WorkdirLock:
 
   The lock file holds JSON {pid, host, token, since, beat}; `token` is drawn
   afresh by every `acquire()` and identifies the holder (a pid can be reused).
-  A lock is stale when its holder is on this host and no longer alive, or,
-  for a holder on another host (a shared filesystem), when its heartbeat (the
-  file's mtime, or on an object store its `beat` time, refreshed every
-  `heartbeat_s` by a daemon thread) is older than `stale_after_s`.
+  A lock is stale when its heartbeat (the file's mtime, or on an object
+  store its `beat` time, refreshed every `heartbeat_s` by a daemon thread) is
+  older than `stale_after_s`, whoever holds its pid now (a pid is reused
+  after a restart), or, sooner, when its holder is on this host and no
+  longer alive.
   """
 
   def __init__(self, workdir: str, *, heartbeat_s: float = 30.0, stale_after_s: float = 300.0,
@@ -80,6 +84,7 @@ class WorkdirLock:
     self._thread = None
     self._held = False
     self._token = None
+    self._generation = None  # On an object store: the lock object's generation last read or written.
 
   def _info(self, since: float | None = None) -> dict:
     now = time.time()
@@ -109,15 +114,27 @@ class WorkdirLock:
     finally:
       os.close(fd)  # Releases the flock.
 
-  def _write(self, info: dict) -> None:
-    """Replaces the lock file with `info`, atomically on a filesystem."""
+  def _write(self, info: dict | None) -> bool:
+    """Replaces the lock file with `info` (None: deletes it), atomically on a
+    filesystem. On an object store only if the object is still at the
+    generation last read or written; False when it is not (another run wrote it)."""
     if self.remote:
-      workdir_lib.path(self.path).write_text(json.dumps(info))
-      return
+      store = workdir_lib.kvstore(workdir_lib.path(self.path).parent.as_posix())
+      value = None if info is None else json.dumps(info).encode("utf-8")
+      written = store.write(LOCK_NAME, value, if_equal=self._generation).result().generation
+      if not written:  # TensorStore's answer to a failed condition: an unknown generation.
+        return False
+      self._generation = written
+      return True
+    if info is None:
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(self.path)
+      return True
     tmp = f"{self.path}.tmp-{self._token}"
     with open(tmp, "w", encoding="utf-8") as f:
       json.dump(info, f)
     os.replace(tmp, self.path)
+    return True
 
   def holder(self) -> tuple[dict, float] | None:
     """(the lock file's JSON, its mtime), or None when there is no lock.
@@ -130,7 +147,11 @@ class WorkdirLock:
     """
     try:
       if self.remote:
-        data, mtime = workdir_lib.path(self.path).read_bytes(), None
+        found = workdir_lib.kvstore(workdir_lib.path(self.path).parent.as_posix()).read(LOCK_NAME).result()
+        self._generation = found.stamp.generation
+        if found.state != "value":
+          return None
+        data, mtime = found.value, None
       else:
         with open(self.path, "rb") as f:
           data = f.read()
@@ -160,13 +181,13 @@ class WorkdirLock:
     pid, host = info.get("pid"), info.get("host")
     if not isinstance(pid, int) or not host:
       return "the lock file is unreadable"
+    age = time.time() - mtime
+    if age > self.stale_after_s:  # Whoever has the pid now: pids are reused after a restart.
+      return f"the holder, process {pid} on {host}, has not refreshed it for {age:.0f} s"
     if host == socket.gethostname():
       if pid == os.getpid():  # A process before this one had our pid (a restarted container).
         return f"process {pid} on {host} is gone"
       return None if _pid_alive(pid) else f"process {pid} on {host} is gone"
-    age = time.time() - mtime
-    if age > self.stale_after_s:
-      return f"the holder on {host} has not refreshed it for {age:.0f} s"
     return None
 
   def acquire(self) -> None:
@@ -187,9 +208,9 @@ class WorkdirLock:
               f"workdir {workdir_lib.path(self.path).parent} is in use by process {info['pid']} on host "
               f"{info['host']} (since {since}); wait for it to finish, stop it, or use another --workdir. "
               f"If that process is gone, delete {self.path}")
-      self._write(self._info())
-    if self.remote and not self._ours():  # Another run wrote its own lock in between.
-      raise WorkdirLockedError(f"could not take the lock {self.path}; another run is starting in this workdir")
+      if not self._write(self._info()):  # Another run wrote the lock since it was read.
+        raise WorkdirLockedError(f"could not take the lock {self.path}: another run took it at the same moment; "
+                                 f"wait for it to finish, stop it, or use another --workdir")
     if reason is not None:
       self._echo(f"Taking over the stale lock {self.path}: {reason}")
     self._held = True
@@ -202,13 +223,14 @@ class WorkdirLock:
     def beat():
       while not self._stop.wait(self.heartbeat_s):
         try:
-          if not self._ours():
-            return  # Taken over: the lock is another run's to refresh.
           if self.remote:
-            self._write(self._info(since))
+            if not self._write(self._info(since)):
+              return  # Taken over: the lock is another run's to refresh.
+          elif not self._ours():
+            return
           else:
             os.utime(self.path)
-        except (OSError, ConfigError):
+        except (OSError, ValueError, ConfigError):
           return
     self._thread = threading.Thread(target=beat, name="mile_jax-lock", daemon=True)
     self._thread.start()
@@ -221,10 +243,14 @@ class WorkdirLock:
     if self._thread is not None:
       self._thread.join(timeout=5.0)
     with self._guard():
-      found = self.holder()
-      if found is not None and found[0].get("token") == self._token:
-        workdir_lib.path(self.path).unlink(missing_ok=True)
-      elif found is not None:
+      if self.remote:
+        released = self._write(None)
+      else:
+        found = self.holder()
+        released = found is None or found[0].get("token") == self._token
+        if found is not None and released:
+          os.remove(self.path)
+      if not released:
         logging.warning("Left %s in place: another run has taken it over", self.path)
     self._held = False
 

@@ -2,7 +2,8 @@
 
 Checkpoints go through Orbax, which writes to either. The run files
 (`config.json`, `tokenizer.model`, `token_counts.npy`, eval results, the
-lock) go through `etils.epath`, which reads and writes both. Object stores
+lock) go through `etils.epath`, which reads and writes both; the lock's
+conditional writes go through TensorStore. Object stores
 cannot append, so `metrics.jsonl` and TensorBoard's event files are written
 in a local mirror directory and copied up by `LogMirror.push` whenever a
 checkpoint is saved and when the run ends; a resumed run first copies
@@ -38,6 +39,23 @@ def path(workdir: str, *parts: str) -> epath.Path:
 def join(workdir: str, *parts: str) -> str:
   """`workdir/part/...` as a string, keeping a URI's scheme."""
   return "/".join([workdir.rstrip("/"), *parts]) if is_remote(workdir) else os.path.join(workdir, *parts)
+
+
+def kvstore(directory: str):
+  """A TensorStore key-value store rooted at `directory` (local, gs://, s3://), for the
+  reads and writes that need a generation condition (create-if-absent, replace-if-unchanged)."""
+  import tensorstore as ts  # pylint: disable=import-outside-toplevel  # Installed with Orbax.
+  directory = resolve(directory)
+  spec = directory + "/" if is_remote(directory) else {"driver": "file", "path": directory + "/"}
+  return ts.KvStore.open(spec).result()
+
+
+def forget_listings(directory: str) -> None:
+  """Drops this process's cached listings of `directory` (gcsfs keeps them, and another
+  process may have written there since), so that the next listing asks the store."""
+  if is_remote(directory):
+    from etils.epath import backend  # pylint: disable=import-outside-toplevel
+    backend.fsspec_backend.fs(directory).invalidate_cache()  # All of it: a step's own listing may be stale too.
 
 
 def check_writable(workdir: str) -> None:
