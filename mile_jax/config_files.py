@@ -156,3 +156,11 @@ def exiting_parser(missing_hint: str = ""):
       print(f"Config error: {e}", file=sys.stderr)
       sys.exit(2)
   return parse
+
+
+def present_as_main(module_name: str, doc: str) -> None:
+  """Makes --help show `doc` and the key flags of `module_name`, whichever script
+  (train.py, a console script, python -m) started the program."""
+  sys.modules["__main__"].__doc__ = doc
+  for flag in absl_flags.FLAGS.get_key_flags_for_module(module_name):
+    absl_flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)

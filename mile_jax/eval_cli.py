@@ -28,6 +28,7 @@ from absl import flags
 from absl import logging
 import jax
 
+from mile_jax import config_files
 from mile_jax import process_flags
 from mile_jax.evaluation import report
 from mile_jax.evaluation import runner
@@ -107,10 +108,7 @@ def _mesh_shape(values: list[str]) -> tuple[int, ...]:
 
 def run():
   """The `mile-eval` console script (and what `python eval.py` runs)."""
-  # --help shows the main module's docstring and key flags: this module's, whichever script started it.
-  sys.modules["__main__"].__doc__ = __doc__
-  for flag in flags.FLAGS.get_key_flags_for_module(__name__):
-    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  config_files.present_as_main(__name__, __doc__)
   app.run(main)
 
 

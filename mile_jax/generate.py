@@ -29,6 +29,7 @@ from absl import app  # noqa: E402
 from absl import flags
 from absl import logging
 
+from mile_jax import config_files
 from mile_jax.core import sharding
 from mile_jax.evaluation import generation
 from mile_jax.evaluation import restore as restore_lib
@@ -252,9 +253,7 @@ def main(argv):
 def run():
   """The `mile-generate` console script (and what `python -m mile_jax.generate` runs)."""
   define_flags()
-  sys.modules["__main__"].__doc__ = __doc__
-  for flag in flags.FLAGS.get_key_flags_for_module(__name__):
-    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  config_files.present_as_main(__name__, __doc__)
   app.run(main)
 
 

@@ -89,10 +89,7 @@ def main(argv):
 
 def run():
   """The `mile-train` console script (and what `python train.py` runs)."""
-  # --help shows the main module's docstring and key flags: this module's, whichever script started it.
-  sys.modules["__main__"].__doc__ = __doc__
-  for flag in flags.FLAGS.get_key_flags_for_module(__name__):
-    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  config_files.present_as_main(__name__, __doc__)
   app.run(main, flags_parser=parse_flags)
 
 
