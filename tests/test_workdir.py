@@ -85,13 +85,22 @@ def test_run_files_are_written_to_the_bucket(gcs_bucket, tiny_config):
   assert sorted(p.name for p in remote.iterdir()) == ["config.json", "token_counts.npy", "tokenizer.model"]
 
 
+def _read_object(directory, name):
+  """An object's JSON read in one request, as GCS serves it: whole, one generation.
+
+  (gcsfs reads the size first and the bytes after, so an object rewritten between the two, as
+  the heartbeat does, can come back cut.)
+  """
+  return json.loads(workdir_lib.kvstore(directory).read(name).result().value)
+
+
 def test_lock_in_a_bucket(gcs_bucket):
   workdir = f"{gcs_bucket}/runs/locked"
   lock_file = epath.Path(workdir) / "lock"
   with faults.WorkdirLock(workdir, heartbeat_s=0.05) as lock:
-    first = json.loads(lock_file.read_text())
+    first = _read_object(workdir, "lock")
     time.sleep(0.5)
-    beat = json.loads(lock_file.read_text())["beat"]
+    beat = _read_object(workdir, "lock")["beat"]
     assert beat > first["beat"]  # The heartbeat rewrites the object.
     assert lock.remote
   assert not lock_file.exists()
