@@ -1,6 +1,7 @@
 """The prepare step and the token store: throughput, where the time goes, and the cost of opening a store.
 
     python benchmarks/prepare_bench.py [--mb 25] [--vocabs 1024,32000] [--open_mb 25,100] [--markdown]
+        [--open_only] [--work DIR]
 
 Corpus: ``.jsonl`` files of about 8 MB each, ``--mb`` MB in all, of the
 built-in corpus's documents repeated (each copy numbered, so no two are
@@ -15,7 +16,13 @@ equal). Tokenizers: BPE, trained on the first shard's first 4000 documents.
   written, each timed on its own.
 - open: a fresh process runs ``make_data`` on ``store:<path>`` and reads its
   first batch: seconds and peak RSS, for stores of ``--open_mb`` MB of text.
+  Then ``train.py`` (the default config on that store, one step) in a fresh
+  process: seconds to its ``[train] step 1`` line and its peak RSS.
 - reader: rows/s of ``batch`` (64 rows of 1025 tokens) from a local store.
+
+``--open_only`` skips the throughput and breakdown parts; ``--work DIR`` keeps
+the corpora and stores in DIR and reuses those already there (a store is
+reused when its manifest exists), so that large stores are built once.
 """
 
 import argparse
@@ -23,6 +30,7 @@ import itertools
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -91,6 +99,26 @@ def breakdown(inputs, tok):
   return {"read": read, "encode": encode, "flatten": flatten, "write": write, "tokens": len(tokens)}
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Starts train.py as a child, stops it at its first step line: the seconds to it and the child's peak RSS.
+STEP_1 = """
+import resource, subprocess, sys, time
+start = time.perf_counter()
+child = subprocess.Popen([sys.executable] + sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+seen = []
+for line in child.stdout:
+  seen.append(line)
+  if line.startswith("[train] step 1:"):
+    break
+seconds = time.perf_counter() - start
+child.kill()
+child.wait()
+if not seen or not seen[-1].startswith("[train] step 1:"):
+  sys.exit("train.py did not reach step 1:\\n" + "".join(seen[-20:]))
+print(seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+"""
+
 OPEN = """
 import resource, sys, time
 start = time.perf_counter()
@@ -104,19 +132,34 @@ print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_m
 """
 
 
+def train_to_step_1(url: str, vocab: int, workdir: str) -> tuple[float, float]:
+  """Seconds from starting `train.py` on `store:<url>` to its `[train] step 1` line, and its peak RSS (MB)."""
+  command = [sys.executable, "-c", STEP_1, os.path.join(REPO, "train.py"), "--config", "configs/default.py",
+             "--workdir", workdir, f"--config.data.source=store:{url}", f"--config.model.vocab_size={vocab}",
+             "--config.train.log_every=1"]
+  shutil.rmtree(workdir, ignore_errors=True)
+  out = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+  if out.returncode:
+    sys.exit(out.stdout + out.stderr)
+  seconds, rss = out.stdout.split()[-2:]
+  return float(seconds), float(rss)
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--mb", type=int, default=25)
   parser.add_argument("--vocabs", default="1024,32000")
   parser.add_argument("--open_mb", default="25,100")
   parser.add_argument("--markdown", action="store_true")
+  parser.add_argument("--open_only", action="store_true")
+  parser.add_argument("--work", default="")
   args = parser.parse_args()
-  work = tempfile.mkdtemp(prefix="prepare_bench-")
+  work = args.work or tempfile.mkdtemp(prefix="prepare_bench-")
   rows = []
   source = write_corpus(os.path.join(work, f"c{args.mb}"), args.mb)
   inputs = shards.Inputs(source=source, val_fraction=0.01)
   sample = [t for _, t in shards.documents(inputs, shards.plan(inputs)[0][0])][:4000]
-  for vocab in map(int, args.vocabs.split(",")):
+  for vocab in [] if args.open_only else map(int, args.vocabs.split(",")):
     tok = train_tokenizer(sample, vocab, os.path.join(work, "tok"), corpus_key=str(vocab), model_type="bpe")
     out = os.path.join(work, f"serial{vocab}")
     os.makedirs(out)
@@ -132,22 +175,28 @@ def main():
     total = sum(v for k, v in parts.items() if k != "tokens")
     print(f"vocab {vocab}, one shard of {parts['tokens']} tokens: " + ", ".join(
         f"{k} {parts[k]:.2f} s ({parts[k] / total:.0%})" for k in ("read", "encode", "flatten", "write")))
-  print("| vocab | build | tokens/s | tokens per CPU-s |\n|---|---|---|---|")
+  if rows:
+    print("| vocab | build | tokens/s | tokens per CPU-s |\n|---|---|---|---|")
   for vocab, name, rate, per_cpu in rows:
     print(f"| {vocab} | {name} | {rate:,.0f} | {per_cpu:,.0f} |")
   vocab = int(args.vocabs.split(",")[0])
   tok = train_tokenizer(sample, vocab, os.path.join(work, "tok"), corpus_key=str(vocab), model_type="bpe")
-  print("| text MB | tokens | train.py's make_data + first batch, s | peak RSS, MB |\n|---|---|---|---|")
+  print("| text MB | tokens | make_data + first batch, s | peak RSS, MB | train.py to step 1, s | "
+        "its peak RSS, MB |\n|---|---|---|---|---|---|")
   for mb in map(int, args.open_mb.split(",")):
-    src = write_corpus(os.path.join(work, f"open{mb}"), mb)
     url = os.path.join(work, f"open-store{mb}")
-    manifest = prepare.run_local(prepare.make_job(shards.Inputs(source=src, val_fraction=0.01), tok,
-                                                  add_bos=False, add_eos=True, output=url), 2)
+    if os.path.exists(os.path.join(url, "manifest.json")):
+      manifest = store.read_manifest(url)
+    else:
+      src = write_corpus(os.path.join(work, f"open{mb}"), mb)
+      manifest = prepare.run_local(prepare.make_job(shards.Inputs(source=src, val_fraction=0.01), tok,
+                                                    add_bos=False, add_eos=True, output=url), 2)
     out = subprocess.run([sys.executable, "-c", OPEN, url, os.path.join(work, "cache"), str(vocab)],
-                         capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                         capture_output=True, text=True, check=True, cwd=REPO)
     seconds, rss = out.stdout.split()[-2:]
-    print(f"| {mb} | {manifest.splits['train']['num_tokens']:,} | {float(seconds):.2f} | {float(rss):.0f} |")
+    step1, step1_rss = train_to_step_1(url, vocab, os.path.join(work, f"run{mb}"))
+    print(f"| {mb} | {manifest.splits['train']['num_tokens']:,} | {float(seconds):.2f} | {float(rss):.0f} | "
+          f"{step1:.1f} | {step1_rss:.0f} |")
   _, streams = store.open_store(url, vocab_size=vocab, add_bos=False, add_eos=True, tokenizer_fingerprint=None)
   ds = PackedDataset.from_stream(streams["train"], 1024, tok.eos_id, 0)
   ds.batch(0, 64)

@@ -183,3 +183,38 @@ def test_import_places_each_device_slice_and_keeps_no_file_mapped(run, tmp_path)
     for shard in array.addressable_shards:
       np.testing.assert_array_equal(np.asarray(shard.data), expected[shard.index], err_msg=jax.tree_util.keystr(path))
   assert any(len({str(s.index) for s in a.addressable_shards}) > 1 for a in jax.tree.leaves(placed))  # Really split.
+
+
+def test_saved_arrays_are_read_in_slabs_of_whole_chunks(tmp_path, monkeypatch):
+  """An array saved from 4 devices, its columns split (chunks of 10 columns), is read in slabs of whole
+  chunks along the columns, at most `SLAB_BYTES` each where a chunk allows, and equals what was saved."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from mile_jax.hf import saved_arrays  # pylint: disable=import-outside-toplevel
+  value = np.arange(12 * 40, dtype=np.float32).reshape(12, 40) * 0.5
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("x",))
+  placed = jax.device_put(value, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "x")))
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(str(tmp_path / "state"), {"params": {"w": placed}})
+  saved = SavedArrays(str(tmp_path / "state"))
+  boxes = []
+  real_open = saved.open
+
+  def spied_open(key):
+    array = real_open(key)
+
+    class Spy:  # The array, recording the boxes read from it.
+      shape, dtype, chunk_layout = array.shape, array.dtype, array.chunk_layout
+
+      def __getitem__(self, box):
+        boxes.append(box)
+        return array[box]
+    return Spy()
+  monkeypatch.setattr(saved, "open", spied_open)
+  # 12 rows x 10 columns x 4 bytes = 480 bytes a chunk: 1000 bytes hold two chunks, 100 bytes less than one.
+  for slab_bytes, starts in ((1000, [0, 20]), (100, [0, 10, 20, 30]), (1 << 20, [0])):
+    boxes.clear()
+    monkeypatch.setattr(saved_arrays, "SLAB_BYTES", slab_bytes)
+    got = saved.read(("params", "w"))
+    assert got.dtype == np.float32 and np.array_equal(got, value)
+    assert [b[1].start for b in boxes] == starts and all(b[0] == slice(None) for b in boxes)
+    assert [b[1].stop for b in boxes] == starts[1:] + [40]

@@ -143,6 +143,28 @@ def test_same_bytes_with_1_2_3_workers_and_after_a_kill(corpus, tmp_path, monkey
   assert tree_bytes(tmp_path / "killed") == want
 
 
+def test_a_finished_store_keeps_no_parts_is_reused_and_is_not_overwritten(corpus, tmp_path, monkeypatch):
+  """The working parts are gone once the manifest is written; a rerun returns the finished store without
+  encoding anything (and deletes parts a run killed after its manifest left); other settings are refused."""
+  out = tmp_path / "s"
+  make_store(corpus, out)
+  files = tree_bytes(out)
+  assert not [k for k in files if k.startswith(".parts")]
+  manifest = json.loads(files["manifest.json"])
+  (out / ".parts" / "0000000").mkdir(parents=True)
+  (out / ".parts" / "0000000" / "done.json").write_text("{}")
+
+  def no_work(job, item):
+    raise AssertionError("a finished store was prepared again")
+  monkeypatch.setattr(prepare, "encode_shard", no_work)
+  assert make_store(corpus, out).splits == manifest["splits"]
+  assert tree_bytes(out) == files
+  with pytest.raises(ConfigError, match=rf"--output: '{out}' holds a finished token store of other settings "
+                     r"\(add_bos differ\); choose another --output"):
+    make_store(corpus, out, bos=True)
+  assert tree_bytes(out) == files
+
+
 def data_config(tmp_path, **overrides):
   c = config_lib.base_config().data
   c.update(cache_dir=str(tmp_path / "cache"), val_fraction=0.2, global_batch_size=BATCH, **overrides)
@@ -203,6 +225,8 @@ def test_store_on_gs_reads_the_same_batches(corpus, tmp_path, gcs_bucket):
   _, tok = corpus
   make_store(corpus, tmp_path / "local")
   make_store(corpus, f"{gcs_bucket}/stores/web")
+  keys = store.list_keys(f"{gcs_bucket}/stores/web")
+  assert "manifest.json" in keys and not [k for k in keys if k.startswith(".parts")]
   streams = [store.open_store(url, vocab_size=VOCAB, add_bos=False, add_eos=True,
                               tokenizer_fingerprint=tok.fingerprint())[1]["train"]
              for url in (str(tmp_path / "local"), f"{gcs_bucket}/stores/web")]

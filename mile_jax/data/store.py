@@ -24,6 +24,8 @@ import dataclasses
 import io
 import json
 import os
+import shutil
+
 import numpy as np
 import tensorstore as ts
 
@@ -82,6 +84,14 @@ def list_keys(url: str) -> list[str]:
   return sorted(k.decode() for k in store.list().result())
 
 
+def delete_tree(url: str) -> None:
+  """Deletes the directory ``url`` and everything under it (nothing where it does not exist)."""
+  if "://" not in url:
+    shutil.rmtree(os.path.abspath(os.path.expanduser(url)), ignore_errors=True)
+    return
+  ts.KvStore.open(kvstore_spec(url)).result().delete_range(ts.KvStore.KeyRange()).result()
+
+
 def npy_bytes(array: np.ndarray) -> bytes:
   buf = io.BytesIO()
   np.save(buf, array)
@@ -116,7 +126,8 @@ def write_array(url: str, values: np.ndarray, chunk: int = 1 << 20) -> None:
 
   A killed run may have left one there, of these values or (a rerun with other shards) of others.
   """
-  spec = array_spec(url, values.dtype, len(values), chunk=chunk)
+  # No chunk larger than the array: zarr stores an edge chunk whole, so a short array in a long chunk is mostly zeros.
+  spec = array_spec(url, values.dtype, len(values), chunk=min(chunk, max(1, len(values))))
   array = ts.open(spec, create=True, delete_existing=True).result()
   if len(values):
     array.write(values).result()

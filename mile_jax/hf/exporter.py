@@ -2,12 +2,14 @@
 
 The parameters are read from the checkpoint's files directly
 (`saved_arrays`), never restored as a tree onto devices: each saved array is
-read whole onto the host, the transformers tensors made from it (one, or one
-per layer of a scanned `layers` array) are written as views of it in blocks
-of rows converted to the output dtype, and it is dropped before the next is
-read. So the host holds one saved array and one block at a time: at most the
-largest saved array (a scanned checkpoint's stacked feed-forward kernel, an
-unrolled one's embedding or output layer) plus `BLOCK_BYTES`.
+read onto the host (in slabs of whole chunks, `saved_arrays.SLAB_BYTES`),
+the transformers tensors made from it (one, or one per layer of a scanned
+`layers` array) are written as views of it in blocks of rows converted to
+the output dtype, and it is dropped before the next is read. So the host
+holds one saved array and one slab or block at a time: at most the largest
+saved array (a scanned checkpoint's stacked feed-forward kernel, an unrolled
+one's embedding or output layer) plus a few MiB. The tokenizer is converted
+after the weights, so what that leaves allocated does not add to their peak.
 
 The tensors go to the files in the order they are read (`layout.export_order`);
 the shard files, their headers and the index are planned from the arrays'
@@ -40,7 +42,7 @@ from mile_jax.run import workdir as workdir_lib
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 # The rows converted and written at once: a few MiB keeps the copies small and the writes large.
-BLOCK_BYTES = 16 << 20
+BLOCK_BYTES = 4 << 20
 PARAMS = "params"
 
 
@@ -173,8 +175,9 @@ def _export_here(workdir: str, out: str, step: int | None, dtype: str, max_shard
   shutil.rmtree(tmp, ignore_errors=True)
   try:
     os.makedirs(tmp)
-    hf_tokenizer.write(tmp, tok.serialized_model(), doc_start_id=doc_start, model_max_length=model.max_seq_len)
     write_weights(saved, model, tmp, dtype, max_shard_bytes, where=workdir_lib.join(workdir, "config.json"))
+    # After the weights: what the conversion leaves allocated does not add to the arrays' peak.
+    hf_tokenizer.write(tmp, tok.serialized_model(), doc_start_id=doc_start, model_max_length=model.max_seq_len)
     ids = {"bos_id": doc_start, "eos_id": tok.eos_id, "pad_id": tok.pad_id if tok.pad_id >= 0 else None}
     hf = hf_layout.hf_config(model, dtype=dtype, **ids)
     generation = {"bos_token_id": ids["bos_id"], "eos_token_id": ids["eos_id"], "pad_token_id": ids["pad_id"]}

@@ -11,7 +11,9 @@ whole, whichever process wrote which chunk. Without OCDBT each array is a
 directory of its own.
 
 Opening an array reads only its metadata; `read` reads that one array onto
-the host. Directories may be local paths or TensorStore URLs (gs://, s3://).
+the host, in slabs of whole chunks, so that beside the array only one slab's
+chunks are held, compressed and decoded, not the whole array's. Directories
+may be local paths or TensorStore URLs (gs://, s3://).
 """
 
 import json
@@ -22,6 +24,8 @@ import tensorstore as ts
 from etils import epath
 
 METADATA_FILE = "_METADATA"
+# The most read into the host array at once (rounded up to whole chunks).
+SLAB_BYTES = 4 << 20
 
 
 class SavedArrayError(ValueError):
@@ -82,4 +86,22 @@ class SavedArrays:
 
   def read(self, key: tuple[str, ...]) -> np.ndarray:
     """The whole array at `key` as a NumPy array of its saved dtype (float32 for parameters)."""
-    return np.asarray(self.open(key).read().result())
+    array = self.open(key)
+    out = np.empty(array.shape, array.dtype.numpy_dtype)
+    for box in slabs(tuple(array.shape), tuple(array.chunk_layout.read_chunk.shape or array.shape),
+                     out.itemsize, SLAB_BYTES):
+      out[box] = array[box].read().result()
+    return out
+
+
+def slabs(shape: tuple[int, ...], chunk: tuple[int, ...], itemsize: int, slab_bytes: int) -> list[tuple[slice, ...]]:
+  """Boxes that tile `shape` along its first axis cut into chunks, each a whole number of chunks
+  thick and of at most `slab_bytes` where one chunk's thickness allows (one box when nothing is cut).
+  """
+  axis = next((i for i, (n, c) in enumerate(zip(shape, chunk)) if c and c < n), None)
+  if axis is None:
+    return [tuple(slice(None) for _ in shape)]
+  per_unit = itemsize * int(np.prod(shape, dtype=np.int64)) // shape[axis]
+  thick = chunk[axis] * max(1, slab_bytes // max(1, per_unit * chunk[axis]))
+  head = tuple(slice(None) for _ in range(axis))
+  return [head + (slice(start, min(start + thick, shape[axis])),) for start in range(0, shape[axis], thick)]

@@ -17,7 +17,10 @@ gives the same bytes:
    filled one zarr shard per unit (a unit writes a whole shard, so units
    never write the same object); ``.parts/assembled/<unit>`` marks it done.
 3. finish: the counts summed over the parts, the tokenizer, and the
-   manifest, written last.
+   manifest, written last; then ``.parts/`` is deleted.
+
+A finished store at the output (its manifest there) of the same inputs and
+settings is returned as it is; one of other settings is refused.
 
 Runners: ``local`` (a process pool of ``--workers``, all cores by default;
 one worker runs in this process), ``pod`` (every process of a
@@ -252,6 +255,32 @@ def finish(job: Job) -> store.Manifest:
       dtype=store.token_dtype(tokenizer.vocab_size).name, splits=splits,
       inputs=dataclasses.asdict(job.inputs))
   store.write_bytes(store.join(job.output, store.MANIFEST), manifest.to_json())
+  remove_parts(job)
+  return manifest
+
+
+def remove_parts(job: Job) -> None:
+  """Deletes ``.parts/`` (the stages' intermediate arrays and markers; about as large as the store)."""
+  store.delete_tree(store.join(job.output, ".parts"))
+
+
+def finished(job: Job) -> store.Manifest | None:
+  """The manifest of the store already finished at ``job.output`` with ``job``'s inputs and settings, or None.
+
+  Raises:
+    ConfigError: a finished store of other inputs or settings is there, naming what differs.
+  """
+  if store.read_bytes(store.join(job.output, store.MANIFEST)) is None:
+    return None
+  manifest = store.read_manifest(job.output, setting="--output")
+  wanted = {"tokenizer": _tokenizer(job.tokenizer_model).fingerprint(), "add_bos": job.add_bos,
+            "add_eos": job.add_eos, "inputs": json.loads(json.dumps(dataclasses.asdict(job.inputs)))}
+  found = {"tokenizer": manifest.tokenizer_fingerprint, "add_bos": manifest.add_bos, "add_eos": manifest.add_eos,
+           "inputs": manifest.inputs}
+  differ = [k for k in wanted if wanted[k] != found[k]]
+  if differ:
+    raise ConfigError(f"--output: {job.output!r} holds a finished token store of other settings ({', '.join(differ)} "
+                      "differ); choose another --output, or delete that store to prepare this one there")
   return manifest
 
 
@@ -272,6 +301,9 @@ def _map(fn: Callable, job: Job, items: Sequence, workers: int) -> None:
 
 def run_local(job: Job, workers: int = 0) -> store.Manifest:
   """All the stages on this machine, with ``workers`` processes (0: one per core)."""
+  if (manifest := finished(job)) is not None:
+    remove_parts(job)  # What a run killed after its manifest may have left.
+    return manifest
   workers = workers or os.cpu_count() or 1
   _map(count_shard, job, job.counted, workers)
   _map(encode_shard, job, job.shards, workers)
@@ -286,6 +318,11 @@ def run_pod(job: Job, workers: int = 0) -> store.Manifest:
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
 
   p, count = jax.process_index(), jax.process_count()
+  if (manifest := finished(job)) is not None:
+    if p == 0:
+      remove_parts(job)
+    multihost_utils.sync_global_devices("mile_jax prepare: already finished")
+    return manifest
   workers = workers or os.cpu_count() or 1
   _map(count_shard, job, job.counted[p::count], workers)
   multihost_utils.sync_global_devices("mile_jax prepare: counted")

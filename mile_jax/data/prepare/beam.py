@@ -30,6 +30,9 @@ def run_beam(job: prepare.Job, pipeline_args: Sequence[str]) -> store.Manifest:
     import apache_beam  # pylint: disable=import-outside-toplevel,unused-import  # noqa: F401
   except ImportError:
     raise ConfigError('prepare: --runner needs Apache Beam: pip install -e ".[prepare]"') from None
+  if (manifest := prepare.finished(job)) is not None:
+    prepare.remove_parts(job)
+    return manifest
   if job.counted:
     _run(job.counted, prepare.count_shard, job, pipeline_args, "count")
   _run(job.shards, prepare.encode_shard, job, pipeline_args, "encode")
