@@ -212,7 +212,15 @@ def test_bad_stores_fail_in_one_line_naming_the_store(corpus, tmp_path):
   with pytest.raises(ConfigError, match=r"data.tokenizer_path: the token store .* was made with another tokenizer"):
     make(tokenizer_path=other.model_path)
   shard = tmp_path / "store" / "train" / "tokens" / "c" / "0"
-  shard.write_bytes(shard.read_bytes()[:100])
+  whole = shard.read_bytes()
+  shard.write_bytes(whole[:100])  # A copy cut short: found when the store is opened, before any compile.
+  with pytest.raises(ConfigError, match=rf"data.source: the token store '{url}' is damaged: train/tokens/c/0 holds "
+                     rf"100 bytes where {len(whole):,} were written; copy the store again"):
+    make()
+  os.remove(shard)
+  with pytest.raises(ConfigError, match=r"is damaged: train/tokens/c/0 is missing"):
+    make()
+  shard.write_bytes(whole[:-8] + bytes(8))  # Same size, a damaged shard index: found when a batch reads it.
   data = make()
   with pytest.raises(ConfigError, match=r"data.source: cannot read .*train/tokens .*prepare the store again"):
     data.train.batch(0, BATCH)
@@ -227,12 +235,19 @@ def test_store_on_gs_reads_the_same_batches(corpus, tmp_path, gcs_bucket):
   make_store(corpus, f"{gcs_bucket}/stores/web")
   keys = store.list_keys(f"{gcs_bucket}/stores/web")
   assert "manifest.json" in keys and not [k for k in keys if k.startswith(".parts")]
+  local_shards = (tmp_path / "local" / "validation" / "shards.json").read_bytes()
+  assert store.read_bytes(f"{gcs_bucket}/stores/web/validation/shards.json") == local_shards
   streams = [store.open_store(url, vocab_size=VOCAB, add_bos=False, add_eos=True,
                               tokenizer_fingerprint=tok.fingerprint())[1]["train"]
              for url in (str(tmp_path / "local"), f"{gcs_bucket}/stores/web")]
   a, b = (PackedDataset.from_stream(s, SEQ, tok.eos_id, SEED) for s in streams)
   for step in (0, 2):
     np.testing.assert_array_equal(a.batch(step, BATCH)["inputs"], b.batch(step, BATCH)["inputs"])
+  shard = f"{gcs_bucket}/stores/web/validation/ends/c/0"
+  store.write_bytes(shard, store.read_bytes(shard)[:-1])
+  with pytest.raises(ConfigError, match=r"gs://.*/stores/web' is damaged: validation/ends/c/0 holds"):
+    store.open_store(f"{gcs_bucket}/stores/web", vocab_size=VOCAB, add_bos=False, add_eos=True,
+                     tokenizer_fingerprint=None)
   with pytest.raises(ConfigError, match=r"data.source: 'gs://no-such-bucket-x/s' has no manifest|cannot read"):
     store.read_manifest("gs://no-such-bucket-x/s")
   shutil.rmtree(tmp_path / "local")

@@ -10,7 +10,9 @@ key-value stores), so a bucket and a directory behave alike:
                                  split's documents end to end, each ``[BOS] ids [EOS]``
   ``<split>/ends``               zarr3 int64 [num_documents]: where each document ends in ``tokens``
   ``<split>/token_counts.npy``   int64 [vocab_size]: occurrences of each id in ``tokens``
-  ``.parts/``                    prepare's per-shard output (``prepare.py``)
+  ``<split>/shards.json``        the bytes of each zarr shard object of ``tokens`` and ``ends``,
+                                 checked when the store is opened
+  ``.parts/``                    prepare's per-shard output (``prepare.py``), deleted at the end
 
 for ``<split>`` in ``train`` and ``validation``. ``tokens`` is cut into zarr
 shards of ``SHARD_TOKENS`` ids, each holding inner chunks of ``CHUNK_TOKENS``
@@ -38,6 +40,8 @@ CHUNK_TOKENS = 1 << 12  # ids per inner chunk (one range read each)
 SHARD_ENDS = 1 << 20
 CHUNK_ENDS = 1 << 12
 MANIFEST = "manifest.json"
+SHARDS = "shards.json"
+ARRAYS = ("tokens", "ends")
 TOKENIZER = "tokenizer.model"
 PREFIX = "store:"
 
@@ -90,6 +94,52 @@ def delete_tree(url: str) -> None:
     shutil.rmtree(os.path.abspath(os.path.expanduser(url)), ignore_errors=True)
     return
   ts.KvStore.open(kvstore_spec(url)).result().delete_range(ts.KvStore.KeyRange()).result()
+
+
+def object_sizes(url: str) -> dict[str, int] | None:
+  """{name: bytes} of the objects directly under the directory ``url`` ({} where there is none), in one
+  listing; None where sizes cannot be listed (an object store whose fsspec package is not installed)."""
+  if "://" not in url:
+    try:
+      with os.scandir(os.path.abspath(os.path.expanduser(url))) as entries:
+        return {e.name: e.stat().st_size for e in entries if e.is_file()}
+    except FileNotFoundError:
+      return {}
+  try:
+    import fsspec  # pylint: disable=import-outside-toplevel
+
+    fs = fsspec.filesystem(url.split("://", 1)[0])
+  except (ImportError, ValueError):
+    return None
+  try:
+    entries = fs.ls(url, detail=True, refresh=True)
+  except FileNotFoundError:
+    return {}
+  return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e["size"]) for e in entries if e.get("type") == "file"}
+
+
+def shard_sizes(url: str, split: str) -> dict[str, dict[str, int]] | None:
+  """{array: {shard object: bytes}} of a split's arrays as they are now (None: sizes cannot be listed)."""
+  sizes = {name: object_sizes(join(url, split, name, "c")) for name in ARRAYS}
+  return None if None in sizes.values() else sizes
+
+
+def check_shards(url: str, split: str) -> None:
+  """Compares a split's shard objects with the sizes its prepare step wrote (one listing per array).
+
+  Raises:
+    ConfigError: a shard object is missing or of another size (a copy cut short, a damaged disk).
+  """
+  recorded = read_bytes(join(url, split, SHARDS))
+  found = shard_sizes(url, split) if recorded is not None else None
+  if found is None:  # A store from before shards.json, or sizes that cannot be listed here.
+    return
+  for name, sizes in json.loads(recorded).items():
+    for key, size in sorted(sizes.items(), key=lambda item: int(item[0])):
+      if found[name].get(key) != size:
+        what = "is missing" if key not in found[name] else f"holds {found[name][key]:,} bytes where {size:,} were written"
+        raise ConfigError(f"data.source: the token store {url!r} is damaged: {split}/{name}/c/{key} {what}; copy "
+                          "the store again, or prepare it again")
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -198,6 +248,7 @@ class StoreStream:
     if counts is None:
       raise ConfigError(f"data.source: the token store {url!r} lacks {split}/token_counts.npy; prepare it again")
     self.counts = npy_load(counts)  # int64 [vocab_size]
+    check_shards(url, split)
     self._tokens = open_array(join(url, split, "tokens"))
     if self._tokens.shape[0] != self.num_tokens:
       raise ConfigError(f"data.source: {join(url, split, 'tokens')} holds {self._tokens.shape[0]} ids where "
@@ -229,7 +280,8 @@ def open_store(url: str, *, vocab_size: int, add_bos: bool, add_eos: bool,
                tokenizer_fingerprint: str | None) -> tuple[Manifest, dict[str, StoreStream]]:
   """A store's manifest and its splits, after checking them against the run's settings.
 
-  Reads the manifest and the counts only. ``tokenizer_fingerprint`` None
+  Reads the manifest, the counts, and the shard objects' sizes (one listing per array, checked against
+  those the prepare step wrote); no token. ``tokenizer_fingerprint`` None
   accepts the store's own tokenizer.
 
   Raises:

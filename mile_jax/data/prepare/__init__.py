@@ -16,7 +16,8 @@ gives the same bytes:
 2. assemble: the split's ``tokens`` and ``ends`` arrays are created and
    filled one zarr shard per unit (a unit writes a whole shard, so units
    never write the same object); ``.parts/assembled/<unit>`` marks it done.
-3. finish: the counts summed over the parts, the tokenizer, and the
+3. finish: the counts summed over the parts, the sizes of the arrays' shard
+   objects (checked when the store is opened), the tokenizer, and the
    manifest, written last; then ``.parts/`` is deleted.
 
 A finished store at the output (its manifest there) of the same inputs and
@@ -243,6 +244,9 @@ def finish(job: Job) -> store.Manifest:
     for shard in job.shards:
       counts += store.npy_load(store.read_bytes(_part(job, shard.index, split, "counts.npy")))
     store.write_bytes(store.join(job.output, split, "token_counts.npy"), store.npy_bytes(counts))
+    shards = store.shard_sizes(job.output, split)
+    if shards is not None:
+      store.write_bytes(store.join(job.output, split, store.SHARDS), json.dumps(shards, sort_keys=True).encode())
     splits[split] = {k: int(sum(v)) for k, v in sizes[split].items()}
     if not splits[split]["num_documents"]:
       raise ConfigError(f"data.source: {job.inputs.source!r} gives no {split} documents; use more documents "
