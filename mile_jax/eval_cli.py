@@ -13,8 +13,8 @@ log-likelihoods or generation, and score as JSON Lines beside the result.
 On several hosts, run the same command on each with --coordinator_address,
 --num_processes and --process_id (or $JAX_COORDINATOR_ADDRESS, ... as
 train.py; `process_flags`): every process loads the model onto its own
-devices and scores a share of the perplexity batches and log-likelihood
-requests (generation whole); process 0 writes the result.
+devices and takes a share of the perplexity batches, the log-likelihood
+requests and the generation batches; process 0 writes the result.
 Exit status 2, with one line naming the flag or file to fix, for bad input.
 """
 

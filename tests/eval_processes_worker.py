@@ -65,14 +65,35 @@ def score(mesh, batch_size: int = 8):
   return [(float(x).hex(), bool(g)) for x, g in lm.loglikelihood_tokens(requests())], lm.stats
 
 
+def prompts(seed: int = 5):
+  """Token prompts of 1 to 40 tokens, for generation."""
+  rng = np.random.default_rng(seed)
+  return [[EOS] + rng.integers(4, 512, int(rng.integers(0, 40))).tolist() for _ in range(21)]
+
+
+def generate(mesh, batch_size: int = 4):
+  """Greedy tokens per prompt (at most 6; a row stops at a token divisible by 5), and the number of
+  batches this process generated."""
+  lm = lm_lib.LanguageModel(model_on(mesh), batch_size=batch_size, progress=False)
+  real, calls = lm._generator.generate, []  # pylint: disable=protected-access
+
+  def counted(*args, **kwargs):
+    calls.append(1)
+    return real(*args, **kwargs)
+  lm._generator.generate = counted  # pylint: disable=protected-access
+  return lm.generate_tokens(prompts(), 6, lambda tokens: tokens[-1] % 5 == 0), len(calls)
+
+
 def main(address: str, index: int, output: str):
   jax.distributed.initialize(coordinator_address=address, num_processes=2, process_id=index)
   assert jax.process_count() == 2 and len(jax.devices()) == 4 and len(jax.local_devices()) == 2
   spanning, spanning_stats = score(sharding.make_mesh((4, 1, 1), jax.devices()))
   local, local_stats = score(sharding.make_mesh((2, 1, 1), jax.local_devices()))
+  generated, generated_batches = generate(sharding.make_mesh((2, 1, 1), jax.local_devices()))
   with open(output, "w", encoding="utf-8") as f:
     json.dump({"spanning": spanning, "local": local, "spanning_tokens": spanning_stats["tokens"],
-               "local_tokens": local_stats["tokens"], "batches": local_stats["batches"]}, f)
+               "local_tokens": local_stats["tokens"], "batches": local_stats["batches"],
+               "generated": generated, "generated_batches": generated_batches}, f)
 
 
 if __name__ == "__main__":

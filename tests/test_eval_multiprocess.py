@@ -1,5 +1,5 @@
-"""Log-likelihood scoring in 2 processes x 2 CPU devices against one process, request by request
-and in the metrics (evaluation/processes.py)."""
+"""Log-likelihood scoring and generation in 2 processes x 2 CPU devices against one process, request
+by request and in the metrics (evaluation/processes.py)."""
 
 import json
 import os
@@ -60,3 +60,10 @@ def test_two_processes_score_what_one_process_scores(tmp_path):
     # Each process laid out a share of the rows: together, every token once.
     shares = [process[f"{key}_tokens"] for process in two]
     assert min(shares) > 0 and sum(shares) == stats["tokens"], (key, shares, stats)
+
+  # Generation on each process's own devices: the batches shared out, every prompt's tokens on both.
+  one, batches = worker.generate(sharding.make_mesh((2, 1, 1), jax.devices()[:2]))
+  assert len(one) == len(worker.prompts()) and len({len(t) for t in one}) > 1
+  for process in two:
+    assert process["generated"] == one
+  assert [process["generated_batches"] for process in two] == [(batches + 1) // 2, batches // 2]

@@ -12,7 +12,9 @@ planning is deterministic host work), then scores a share of it:
 Then every process has the per-request sums of the requests it scored, and
 `combine` gives each request the value of the first process that scored it
 (rows a tensor-parallel axis copies across processes are scored on each),
-bit for bit: the float64 sums travel as their int32 halves.
+bit for bit: the float64 sums travel as their int32 halves. Generation on
+process-local meshes is shared out by batches the same way, and
+`gather_sequences` gives every process every prompt's tokens.
 """
 
 import jax
@@ -82,3 +84,20 @@ def combine(sums: np.ndarray, greedy: np.ndarray, scored: np.ndarray) -> tuple[n
   requests = np.arange(n)
   halves = every[:, :2 * n].reshape(len(every), n, 2)[first, requests]  # (N, 2) int32
   return np.ascontiguousarray(halves).view(np.float64).reshape(n), every[first, 2 * n + requests] != 0
+
+
+def gather_sequences(sequences: list[list[int] | None], width: int) -> list[list[int]]:
+  """Every process's token sequences (each at most `width` long), one per request, each from the
+  process that made it (this process passes None for the requests it did not make).
+
+  A collective: every process of the run calls it with lists of one length.
+  """
+  n = len(sequences)
+  packed = np.full((n, width + 1), -1, np.int32)  # [length, tokens..., -1 padding]
+  for i, tokens in enumerate(sequences):
+    if tokens is not None:
+      packed[i, 0] = len(tokens)
+      packed[i, 1:1 + len(tokens)] = tokens
+  every = np.asarray(multihost_utils.process_allgather(packed)).reshape(-1, n, width + 1)  # (P, N, width + 1)
+  rows = every[np.argmax(every[:, :, 0] >= 0, axis=0), np.arange(n)]
+  return [row[1:1 + max(int(row[0]), 0)].tolist() for row in rows]
