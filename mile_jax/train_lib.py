@@ -82,7 +82,7 @@ class Trainer:
     self.restored_step = None  # The checkpoint step `initial_state` resumed from.
     self.data = None
     # Bucket perplexity and train.eval_tasks; reads the task files now, before anything compiles.
-    self.in_loop = in_training.InTrainingEval(config, self.mesh, self.rules, self.model, jax.process_count())
+    self.in_loop = in_training.InTrainingEval(config, self.mesh, self.rules, self.model)
 
   def _context(self):
     return sharding.mesh_context(self.mesh, self.rules)

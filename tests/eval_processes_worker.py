@@ -90,10 +90,12 @@ def main(address: str, index: int, output: str):
   spanning, spanning_stats = score(sharding.make_mesh((4, 1, 1), jax.devices()))
   local, local_stats = score(sharding.make_mesh((2, 1, 1), jax.local_devices()))
   generated, generated_batches = generate(sharding.make_mesh((2, 1, 1), jax.local_devices()))
+  generated_spanning, _ = generate(sharding.make_mesh((4, 1, 1), jax.devices()))
   with open(output, "w", encoding="utf-8") as f:
     json.dump({"spanning": spanning, "local": local, "spanning_tokens": spanning_stats["tokens"],
                "local_tokens": local_stats["tokens"], "batches": local_stats["batches"],
-               "generated": generated, "generated_batches": generated_batches}, f)
+               "generated": generated, "generated_batches": generated_batches,
+               "generated_spanning": generated_spanning}, f)
 
 
 if __name__ == "__main__":

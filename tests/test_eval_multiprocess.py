@@ -61,9 +61,13 @@ def test_two_processes_score_what_one_process_scores(tmp_path):
     shares = [process[f"{key}_tokens"] for process in two]
     assert min(shares) > 0 and sum(shares) == stats["tokens"], (key, shares, stats)
 
-  # Generation on each process's own devices: the batches shared out, every prompt's tokens on both.
+  # Generation on each process's own devices (eval.py): the batches shared out, every prompt's tokens on both.
   one, batches = worker.generate(sharding.make_mesh((2, 1, 1), jax.devices()[:2]))
   assert len(one) == len(worker.prompts()) and len({len(t) for t in one}) > 1
   for process in two:
     assert process["generated"] == one
   assert [process["generated_batches"] for process in two] == [(batches + 1) // 2, batches // 2]
+  # On the mesh that spans both processes (training's): each feeds its rows, every batch together.
+  one, _ = worker.generate(sharding.make_mesh((4, 1, 1), jax.devices()[:4]))
+  for process in two:
+    assert process["generated_spanning"] == one

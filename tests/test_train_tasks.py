@@ -111,9 +111,5 @@ def test_bad_task_settings_stop_before_the_first_step(tmp_path):
   with open(arc, "w", encoding="utf-8") as f:
     f.write("".join(lines))
   assert build() == f"{arc}: document 5 is not a arc_easy document (ValueError: 'B' is not in list)"
-  # Scoring is split across processes, generation is not: a multi-process run refuses TriviaQA only.
   assert [t.task.name for t in in_training.prepare_tasks(
-      _config(task_dir, **{"train.eval_tasks": "piqa"}).train, process_count=2)] == ["piqa"]
-  with pytest.raises(ConfigError, match=r"^train.eval_tasks: triviaqa \(generation\) is scored during training on "
-                                        r"one process only, this run has 2; drop it"):
-    in_training.prepare_tasks(_config(task_dir, **{"train.eval_tasks": "piqa,triviaqa"}).train, process_count=2)
+      _config(task_dir, **{"train.eval_tasks": "piqa"}).train)] == ["piqa"]

@@ -22,9 +22,11 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from mile_jax.core import model as model_lib
 from mile_jax.core import sharding
+from mile_jax.evaluation import processes
 
 
 def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0):
@@ -53,6 +55,7 @@ class GreedyGenerator:
     self.cached_model = model_lib.Decoder(model_config, decode=True)
     self.model = model_lib.Decoder(model_config)
     self.mesh = mesh
+    self._spanning = len(processes.mesh_processes(mesh)) > 1
     self._prefill = jax.jit(self._prefill_fn, static_argnames="slots")
     self._step = jax.jit(self._step_fn, donate_argnums=1)
     self._full = jax.jit(self._full_fn)
@@ -91,7 +94,19 @@ class GreedyGenerator:
     return {}
 
   def _global(self, arrays: dict[str, np.ndarray]):
-    return sharding.make_global_batch(arrays, self.mesh)
+    """Global (B, ...) arrays from the whole batch, which every process holds: on a mesh that spans
+    processes each feeds the rows of its own devices."""
+    if not self._spanning:
+      return sharding.make_global_batch(arrays, self.mesh)
+    rows = len(next(iter(arrays.values())))
+    lo, hi = processes.local_rows(self.mesh, rows)
+    return processes.global_batch({k: v[lo:hi] for k, v in arrays.items()}, self.mesh, rows, rows)
+
+  def _host(self, tokens: jax.Array) -> np.ndarray:
+    """Every row's next token on every process (a collective on a mesh that spans processes)."""
+    if self._spanning:
+      return np.asarray(multihost_utils.process_allgather(tokens, tiled=True))
+    return np.asarray(jax.device_get(tokens))
 
   def generate(self, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                prompt_len: int | None = None, done: Callable[[list[int]], bool] = lambda out: False,
@@ -101,7 +116,8 @@ class GreedyGenerator:
 
     Call inside the mesh context. `len(prompts)` must divide over the mesh's
     data-parallel axes; `prompt_len` (default the longest prompt) fixes the
-    compiled shape.
+    compiled shape. On a mesh that spans processes every process calls it with
+    the same prompts and gets every row's tokens.
     """
     prompt_len = prompt_len or max(len(p) for p in prompts)
     tokens, positions, segments = left_pad(prompts, prompt_len)
@@ -122,7 +138,7 @@ class GreedyGenerator:
           {"tokens": tokens, "positions": positions, "segment_ids": segments,
            "last": np.full(len(prompts), prompt_len - 1), **self._choice_inputs(len(prompts), 0)}))
     for t in range(max_new_tokens):
-      host = np.asarray(jax.device_get(next_tokens))
+      host = self._host(next_tokens)
       for i in np.flatnonzero(~finished):
         outputs[i].append(int(host[i]))
         finished[i] = done(outputs[i])

@@ -8,9 +8,8 @@
   `perplexity.evaluate` and `perplexity.bucket_metrics`: eval.py's `buckets`.
 * Every `train.eval_tasks_every` steps and at the last step: the benchmarks of
   `train.eval_tasks`, by `task_eval.score_all` on a `lm.LanguageModel`: eval.py's
-  benchmark scoring. In a multi-process run every process scores its rows of
-  each batch on the run's mesh (`processes`); generation (TriviaQA) is scored
-  on one process only.
+  benchmark scoring. In a multi-process run every process scores, and
+  generates, its rows of each batch on the run's mesh (`processes`).
 
 Both read the parameters the train step just produced, where they are (the
 run's mesh and shardings): nothing is copied or written. With eval.py's
@@ -49,7 +48,7 @@ def _config_error(error: EvalError) -> ConfigError:
   return ConfigError(message)
 
 
-def prepare_tasks(train_config: Any, process_count: int = 1) -> list[task_eval.PreparedTask]:
+def prepare_tasks(train_config: Any) -> list[task_eval.PreparedTask]:
   """The prepared benchmarks of `train_config.eval_tasks` (none when empty).
 
   Raises:
@@ -65,11 +64,6 @@ def prepare_tasks(train_config: Any, process_count: int = 1) -> list[task_eval.P
     if text:
       raise ConfigError(f"train.eval_tasks: {', '.join(map(repr, text))} is not a benchmark; the validation loss "
                         f"and the perplexity per frequency bucket are logged at every train.eval_every steps")
-    generated = [n for n in names if tasks_lib.TASKS[n].output == "generate_until"]
-    if generated and process_count > 1:
-      raise ConfigError(f"train.eval_tasks: {', '.join(generated)} (generation) is scored during training on one "
-                        f"process only, this run has {process_count}; drop it from train.eval_tasks and run "
-                        "eval.py on the checkpoints")
     task_eval.check(names, num_fewshot=shots, task_source=t.eval_tasks_source, task_data_dir=t.eval_tasks_data_dir,
                     tfds_data_dir=t.eval_tasks_tfds_data_dir)
     return [task_eval.prepare(tasks_lib.TASKS[n], num_fewshot=task_eval.fewshot_for(tasks_lib.TASKS[n], shots),
@@ -86,14 +80,13 @@ class InTrainingEval:
   Args:
     config: the run's config.
     mesh, rules, model: the run's mesh, logical-axis rules and `Decoder`.
-    process_count: processes in the run.
   Raises:
     ConfigError: from `prepare_tasks`.
   """
 
-  def __init__(self, config: Any, mesh, rules: tuple, model, process_count: int = 1):
+  def __init__(self, config: Any, mesh, rules: tuple, model):
     self.config = config
-    self.tasks = prepare_tasks(config.train, process_count)
+    self.tasks = prepare_tasks(config.train)
     # params and tokenizer are set per call: the parameters are the train step's latest, never held on to.
     self.loaded = ModelOnMesh(config=config, model=model, params=None, mesh=mesh, rules=rules, tokenizer=None)
     self._lm = None
