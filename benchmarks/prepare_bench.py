@@ -1,7 +1,7 @@
 """The prepare step and the token store: throughput, where the time goes, and the cost of opening a store.
 
     python benchmarks/prepare_bench.py [--mb 25] [--vocabs 1024,32000] [--open_mb 25,100] [--markdown]
-        [--open_only] [--work DIR]
+        [--open_only] [--work DIR] [--gcs]
 
 Corpus: ``.jsonl`` files of about 8 MB each, ``--mb`` MB in all, of the
 built-in corpus's documents repeated (each copy numbered, so no two are
@@ -18,7 +18,9 @@ equal). Tokenizers: BPE, trained on the first shard's first 4000 documents.
   first batch: seconds and peak RSS, for stores of ``--open_mb`` MB of text.
   Then ``train.py`` (the default config on that store, one step) in a fresh
   process: seconds to its ``[train] step 1`` line and its peak RSS.
-- reader: rows/s of ``batch`` (64 rows of 1025 tokens) from a local store.
+- reader: rows/s of ``batch`` (64 rows of 1025 tokens) from a local store,
+  and with ``--gcs`` from the same store prepared into a bucket of the suite's
+  GCS server (``tests/object_store.py``, the ``[dev]`` extra) on localhost.
 
 ``--open_only`` skips the throughput and breakdown parts; ``--work DIR`` keeps
 the corpora and stores in DIR and reuses those already there (a store is
@@ -153,6 +155,7 @@ def main():
   parser.add_argument("--markdown", action="store_true")
   parser.add_argument("--open_only", action="store_true")
   parser.add_argument("--work", default="")
+  parser.add_argument("--gcs", action="store_true", help="also read from a store on the suite's GCS server")
   args = parser.parse_args()
   work = args.work or tempfile.mkdtemp(prefix="prepare_bench-")
   rows = []
@@ -197,11 +200,33 @@ def main():
     step1, step1_rss = train_to_step_1(url, vocab, os.path.join(work, f"run{mb}"))
     print(f"| {mb} | {manifest.splits['train']['num_tokens']:,} | {float(seconds):.2f} | {float(rss):.0f} | "
           f"{step1:.1f} | {step1_rss:.0f} |")
+  print(f"reader, local store: {reader_rows_per_second(url, vocab, tok):,.0f} rows/s of 1025 tokens")
+  if args.gcs:
+    print(f"reader, the GCS server: {gcs_reader_rows_per_second(source, tok, vocab, work):,.0f} rows/s")
+
+
+def reader_rows_per_second(url: str, vocab: int, tok, batches: int = 50) -> float:
+  """Rows of 1025 tokens per second that one process's `PackedDataset.batch` reads from the store at `url`."""
   _, streams = store.open_store(url, vocab_size=vocab, add_bos=False, add_eos=True, tokenizer_fingerprint=None)
   ds = PackedDataset.from_stream(streams["train"], 1024, tok.eos_id, 0)
   ds.batch(0, 64)
-  _, wall, _ = timed(lambda: [ds.batch(s, 64) for s in range(1, 51)])
-  print(f"reader, local store: {50 * 64 / wall:,.0f} rows/s of 1025 tokens")
+  _, wall, _ = timed(lambda: [ds.batch(s, 64) for s in range(1, batches + 1)])
+  return batches * 64 / wall
+
+
+def gcs_reader_rows_per_second(source: str, tok, vocab: int, work: str) -> float:
+  """`reader_rows_per_second` on the `--mb` corpus prepared into a bucket of the suite's GCS server."""
+  sys.path.insert(0, os.path.join(REPO, "tests"))
+  import object_store  # pylint: disable=import-outside-toplevel  # tests/object_store.py
+  server = object_store.GcsServer(tempfile.mkdtemp(prefix="gcs-", dir=work))
+  try:
+    os.environ.update(server.env)
+    url = server.create_bucket("bench") + "/store"
+    prepare.run_local(prepare.make_job(shards.Inputs(source=source, val_fraction=0.01), tok, add_bos=False,
+                                       add_eos=True, output=url), 2)
+    return reader_rows_per_second(url, vocab, tok, batches=10)
+  finally:
+    server.stop()
 
 
 if __name__ == "__main__":

@@ -61,7 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.norm_eps = 1e-5  # RMSNorm epsilon.
   c.model.init_std = 0.01  # Std of every weight's normal initialiser (the paper's 0.01).
   c.model.dtype = "float32"  # Compute dtype: float32 or bfloat16 (no float16: no loss scaling). Params stay float32.
-  c.model.remat = "none"  # Rematerialisation per block: none, full, dots, dots_no_batch.
+  c.model.remat = "none"  # Rematerialisation per block: none, full, dots, dots_no_batch (docs/scaling.md).
+  # With scanned layers "none" recomputes only elementwise results in the backward pass, no matmul.
   # The blocks as one nn.scan over stacked parameters: the step's program and its compile time stay the
   # same size at any depth. None: scan from model.SCAN_LAYERS_FROM layers on. Checkpoints convert on restore.
   c.model.scan_layers = ml_collections.config_dict.placeholder(bool)

@@ -1,7 +1,7 @@
 """A Google Cloud Storage server on localhost for the tests: `gs://` paths served for real.
 
 The server is `gcp-storage-emulator` (a `[dev]` dependency) run in its own process, with
-three things it lacks added here, each a few lines and each how GCS itself behaves:
+five things it lacks added here, each a few lines and each how GCS itself behaves:
 
 - every media download answers with its object's `x-goog-generation` (TensorStore's gcs
   kvstore reads it to know what it read);

@@ -94,6 +94,31 @@ def test_scanned_loss_and_gradients_equal_unrolled(remat, impl):
   assert_close(model_lib.unrolled_layers(got_grads, 3), want_grads, terms * data["inputs"].size)
 
 
+def test_scanned_blocks_without_remat_compute_no_matmul_twice_and_store_no_elementwise_result():
+  """remat "none", scanned: the step computes each matmul once, as many `dot_general`s as one
+  unrolled layer's program, and of the feed-forward's [layers, B, T, d_ff] activations the scan
+  stores only the two matmul outputs (gate and up), not silu(gate) or the product, which the
+  backward pass recomputes (as XLA's fusions do unrolled)."""
+  one_layer, _ = configs(n_layers=1, d_ff=48)
+  _, scanned = configs(d_ff=48)
+  tokens = jnp.zeros((2, 16), jnp.int32)
+
+  def loss_and_params(cfg):
+    decoder = model_lib.Decoder(cfg)
+    params = nn.unbox(decoder.init(jax.random.key(0), tokens)["params"])
+    return (lambda p: decoder.apply({"params": p}, tokens).sum()), params
+
+  def dot_generals(cfg):
+    loss, params = loss_and_params(cfg)
+    return jax.jit(jax.grad(loss)).lower(params).as_text().count("stablehlo.dot_general")
+
+  assert dot_generals(scanned) == dot_generals(one_layer)
+  loss, params = loss_and_params(scanned)
+  _, backward = jax.vjp(loss, params)  # Its leaves are the residuals the backward pass reads.
+  stored = [leaf.shape for leaf in jax.tree.leaves(backward)]
+  assert stored.count((3, 2, 16, 48)) == 2
+
+
 def test_scanned_decoding_with_the_cache_equals_unrolled():
   unrolled, scanned = configs()
   params = unrolled_params(unrolled, seed=4)

@@ -213,10 +213,27 @@ class Block(nn.Module):
     return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
 
+# Elementwise and layout primitives: cheap to recompute from their operands. Unrolled, XLA fuses them into
+# their consumers in the backward pass instead of storing them; a scan's backward can read only what the
+# forward stored in its stacked buffers, so without a policy it would store (and zero-fill) every one.
+_ELEMENTWISE = frozenset({
+    "abs", "add", "and", "broadcast_in_dim", "concatenate", "convert_element_type", "cos", "div", "eq", "exp",
+    "expand_dims", "ge", "gt", "integer_pow", "iota", "le", "log", "logistic", "lt", "max", "min", "mul", "ne",
+    "neg", "not", "or", "pow", "reshape", "rsqrt", "select_n", "sin", "split", "sqrt", "square", "squeeze",
+    "stop_gradient", "sub", "tanh", "transpose"})
+
+
+def _save_all_but_elementwise(prim, *_, **__) -> bool:
+  """The remat policy of `remat="none"` for scanned blocks: every matmul's (and kernel's) output is
+  saved, so nothing costly is computed twice; elementwise results are recomputed, as XLA does unrolled."""
+  return prim.name not in _ELEMENTWISE
+
+
 def _remat_block(policy: str, scanned: bool):
-  if policy == "none":
+  if policy == "none" and not scanned:
     return Block
   policies = {
+      "none": _save_all_but_elementwise,
       "full": None,
       "dots": jax.checkpoint_policies.checkpoint_dots,
       "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
