@@ -29,16 +29,21 @@ prepare.run_pod(job, workers=1)
 """
 
 
+def run_in_two_processes(script: str, *args: str) -> list[str]:
+  """`script` run by 2 processes of one jax.distributed job (argv: coordinator, process index, *args),
+  each on one CPU device: their outputs, stdout and stderr together."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  address = processes.coordinator_address()
+  procs = [subprocess.Popen([sys.executable, "-c", script, address, str(i), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  return processes.outputs_of(procs, timeout=200)
+
+
 def test_pod_runner_in_two_processes_writes_the_local_runners_bytes(corpus, tmp_path):
   source, tok = corpus
   make_store(corpus, tmp_path / "local", shard_tokens=SMALL)
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  address = processes.coordinator_address()
-  procs = [subprocess.Popen([sys.executable, "-c", POD, address, str(i), source, tok.model_path,
-                             str(tmp_path / "pod"), str(SMALL)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  outputs = processes.outputs_of(procs, timeout=200)
+  run_in_two_processes(POD, source, tok.model_path, str(tmp_path / "pod"), str(SMALL))
   assert tree_bytes(tmp_path / "pod") == tree_bytes(tmp_path / "local")
 
 
@@ -62,20 +67,15 @@ def test_two_processes_on_a_bucket_cache_prepare_one_store_and_read_their_rows(c
   """A `files:` source with `data.cache_dir` on gs://: the processes prepare one store in the bucket
   together (the pod runner) and each reads its share of the batch that one process on a local cache reads."""
   source, tok = corpus
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-  address = processes.coordinator_address()
   cache = f"{gcs_bucket}/cache"
-  procs = [subprocess.Popen([sys.executable, "-c", SHARED_CACHE, address, str(i), source, tok.model_path, cache],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-           for i in range(2)]
-  outputs = processes.outputs_of(procs, timeout=200)
+  outputs = run_in_two_processes(SHARED_CACHE, source, tok.model_path, cache)
   stores = {k.split("/")[0] for k in store.list_keys(f"{cache}/stores")}
   assert len(stores) == 1
   assert "manifest.json" in store.list_keys(f"{cache}/stores/{stores.pop()}")
   local = pipeline.make_data(data_config(tmp_path, source=source, tokenizer_path=tok.model_path,
                                          segment_documents=True), VOCAB, SEQ, SEED)
   for p, out in enumerate(outputs):
-    got = json.loads(out.strip().splitlines()[-1])
+    got = json.loads(next(line for line in reversed(out.splitlines()) if line.startswith("{")))
     want = local.train.batch(3, BATCH, p, 2)
     assert sorted(got) == sorted(want)
     for key, value in want.items():
