@@ -289,6 +289,27 @@ def test_imported_run_scores_as_the_harness_does(exported, tmp_path):
   assert max(abs(b - c) for (b, _), (c, _) in zip(theirs, other_start)) > 100 * LOGIT_TOL
 
 
+def test_import_writes_the_state_a_run_from_the_directory_starts_with(exported, tmp_path, gcs_bucket):
+  """The streamed checkpoint (a local workdir) and the whole-state one (a bucket) each restore to the
+  train state `init.from_hf` builds from the directory: its parameters, zero moments, counts, step."""
+  config, _, _, hf_dir, _ = exported
+  quiet = lambda *a: None  # noqa: E731
+  start = config.copy_and_resolve_references()
+  start.init.from_hf = hf_dir
+  trainer = train_lib.Trainer(start, str(tmp_path / "reference"), echo=quiet)
+  reference = jax.device_get(trainer.initial_state())
+  target = checkpoint_lib.abstract_with_shardings(trainer.abstract_state, trainer.state_shardings)
+  for workdir in (str(tmp_path / "imported"), f"{gcs_bucket}/imported"):
+    path = hf.import_hf(hf_dir, workdir, config=config, step=4, echo=quiet)
+    checkpointer = checkpoint_lib.Checkpointer(os.path.dirname(path), every_steps=1, max_to_keep=1)
+    assert checkpointer.all_steps() == [4]
+    restored = jax.device_get(checkpointer.restore(4, target))
+    assert int(restored.step) == 4
+    _tree_equal(restored.params, reference.params)
+    _tree_equal(restored.opt_state, reference.opt_state)
+    assert jax.tree.structure(restored) == jax.tree.structure(reference)
+
+
 def _without_lm_head(hf_dir, root, tie: bool) -> str:
   """A copy of the directory without lm_head.weight whose config.json has tie_word_embeddings=`tie`."""
   out = root / f"tie_{tie}"

@@ -1,4 +1,4 @@
-"""Export on 2 processes (2 CPU devices each, jax.distributed on 127.0.0.1) of a checkpoint they saved.
+"""Export on 2 processes (2 CPU devices each, jax.distributed on 127.0.0.1) of a checkpoint they saved, and import.
 
 The checkpoint's parameters are split over all 4 devices (FSDP), so each
 array's chunks were written by both processes. The export must be written
@@ -7,7 +7,9 @@ byte for byte what one process exports from the same checkpoint, both from
 `exporter.export` in a program that joined the run and from the command
 `python -m mile_jax.hf export`, which joins it through its flags; its tensors
 are the saved parameters as `layout.to_hf` lays them out (the layout
-tests/test_hf.py checks against transformers).
+tests/test_hf.py checks against transformers). The import command on the
+same 2 processes then writes, group by group, the checkpoint that one
+process's import writes.
 """
 
 import json
@@ -18,9 +20,11 @@ import sys
 import numpy as np
 import pytest
 
+from mile_jax.hf import convert as hf
 from mile_jax.hf import exporter
 from mile_jax.hf import layout as hf_layout
 from mile_jax.hf import safetensors_io
+from mile_jax.hf.saved_arrays import SavedArrays
 from conftest import make_tiny_config
 from test_hf_streaming import random_params, write_run_files
 import processes  # tests/processes.py
@@ -37,6 +41,7 @@ import flax.linen as nn
 import ml_collections
 from mile_jax.core import model as model_lib
 from mile_jax.core import sharding
+from mile_jax.hf import convert as hf
 from mile_jax.hf import exporter
 from mile_jax.run import checkpoint as checkpoint_lib
 with open(os.path.join(workdir, "config.json")) as f:
@@ -114,3 +119,28 @@ def test_two_processes_export_once_what_one_process_exports(tmp_path):
   got = safetensors_io.read_dir(out_cli)
   for name, value in hf_layout.to_hf(params, config.model.n_layers).items():
     np.testing.assert_array_equal(np.asarray(got[name]), value, err_msg=name)
+
+  # And back: the import command on both processes (its arrays split over their 4 devices, each group
+  # written by both) writes the checkpoint one process writes, array for array.
+  imported_two, imported_one = str(tmp_path / "imported_two"), str(tmp_path / "imported_one")
+  done = _run_on_two_processes(["-m", "mile_jax.hf", "import", f"--hf_dir={out_cli}", f"--workdir={imported_two}"],
+                               env)
+  assert [r[0] for r in done] == [0, 0], [r[2][-3000:] for r in done]
+  hf.import_hf(out_cli, imported_one, echo=lambda *a: None)
+  two, one = (_saved_state(os.path.join(d, "checkpoints", "0", "state")) for d in (imported_two, imported_one))
+  assert two.keys() == one.keys() and any(k[0] == "opt_state" for k in one)
+  for key, value in one.items():
+    np.testing.assert_array_equal(two[key], value, err_msg="/".join(key))
+
+
+def _saved_state(directory: str) -> dict:
+  """{key: array or value type} of a saved state, from its files."""
+  with open(os.path.join(directory, "_METADATA"), encoding="utf-8") as f:
+    tree = json.load(f)["tree_metadata"]
+  saved = SavedArrays(directory)
+  out = {}
+  for entry in tree.values():
+    key = tuple(k["key"] for k in entry["key_metadata"])
+    kind = entry["value_metadata"]["value_type"]
+    out[key] = saved.read(key) if kind == "jax.Array" else np.asarray(kind)
+  return out

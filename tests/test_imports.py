@@ -116,7 +116,8 @@ LAYERS = [
     {"the training loop": ["mile_jax.train_lib"]},
     {"command-line programs": ["mile_jax.train_cli", "mile_jax.eval_cli", "mile_jax.plan", "mile_jax.eval_plan",
                                "mile_jax.process_flags",
-                               "mile_jax.hf.convert", "mile_jax.hf.exporter", "mile_jax.hf.__main__",
+                               "mile_jax.hf.convert", "mile_jax.hf.exporter", "mile_jax.hf.importer",
+                               "mile_jax.hf.__main__",
                                "mile_jax.generate", "mile_jax.prepare_cli"],
      "experiments": ["mile_jax.experiments"]},
 ]

@@ -42,7 +42,6 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-import numpy as np
 from ml_collections import config_flags
 
 from mile_jax import config_lib
@@ -51,6 +50,7 @@ from mile_jax import train_lib
 from mile_jax.data import tokenizer as tokenizer_lib
 from mile_jax.evaluation.errors import EvalError
 from mile_jax.hf import exporter
+from mile_jax.hf import importer
 from mile_jax.hf import layout as hf_layout
 from mile_jax.hf.layout import HFError
 from mile_jax.run import checkpoint as checkpoint_lib
@@ -150,16 +150,13 @@ def import_hf(hf_dir: str, workdir: str, config=None, step: int = 0, echo=print)
     raise HFError(f"--workdir: {trainer.workdir} already has checkpoints; choose a new directory")
   config = trainer.config
   tokenizer = tokenizer_lib.load_tokenizer(config.data.tokenizer_path)
-  state = trainer.initial_state()
-  state = state.replace(step=jax.device_put(np.int32(step), trainer.state_shardings.step))
   meta = {"data": {"next_batch_step": step, "seed": config.seed},
           "tokenizer": checkpoint_lib.tokenizer_meta(tokenizer.serialized_model())}
-  trainer.checkpointer.save(step, state, trainer.config_json, meta)
-  trainer.checkpointer.wait()
+  path = importer.write_checkpoint(trainer, hf_dir, step, meta, echo=echo)
   if jax.process_index() == 0:
     workdir_lib.path(trainer.workdir, "config.json").write_text(config.to_json_best_effort(indent=2))
     workdir_lib.path(trainer.workdir, "tokenizer.model").write_bytes(tokenizer.serialized_model())
-  return trainer.checkpointer.step_path(step)
+  return path
 
 
 _FLAGS: dict[str, Any] = {}

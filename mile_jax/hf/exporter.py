@@ -20,7 +20,6 @@ for it and raise if it failed, so the directory is written once, complete
 when `export` returns on any process, and the same as a single process writes.
 """
 
-import ctypes
 import json
 import os
 import shutil
@@ -38,25 +37,13 @@ from mile_jax.hf import layout as hf_layout
 from mile_jax.hf import safetensors_io
 from mile_jax.hf.layout import HFError
 from mile_jax.hf.saved_arrays import SavedArrayError, SavedArrays
+from mile_jax.run import host_memory
 from mile_jax.run import workdir as workdir_lib
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 # The rows converted and written at once: a few MiB keeps the copies small and the writes large.
 BLOCK_BYTES = 4 << 20
 PARAMS = "params"
-
-
-def _release_freed_memory() -> None:
-  """Returns freed heap memory to the system where glibc is the allocator. glibc raises its
-  threshold for serving allocations with mmap to the size of each mmapped block freed, after
-  which arrays of that size come from the heaps of TensorStore's threads and stay resident
-  once freed; a fixed threshold keeps each array in its own mapping, released when freed."""
-  try:
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB, and no longer adjusted.
-    libc.malloc_trim(0)
-  except (OSError, AttributeError):
-    pass
 
 
 def _shape_only(shape: tuple[int, ...]) -> np.ndarray:
@@ -118,7 +105,7 @@ def write_weights(saved: SavedArrays, model_config: Any, directory: str, dtype: 
   plan = safetensors_io.shard_plan(list(sizes.items()), max_shard_bytes)
   file_of = {name: i for i, (_, names) in enumerate(plan) for name in names}
   writer, current = None, -1
-  _release_freed_memory()
+  host_memory.release_freed_memory()
   try:
     for key, tensors in order:
       try:
@@ -136,7 +123,7 @@ def write_weights(saved: SavedArrays, model_config: Any, directory: str, dtype: 
         view = hf_layout.hf_view(path, array if layer is None else array[layer])
         writer.write(name, _blocks(view, np_dtype, block_bytes))
       del array, view  # The view too: it keeps the array alive.
-      _release_freed_memory()
+      host_memory.release_freed_memory()
     writer.close()
     writer = None
   finally:

@@ -379,7 +379,7 @@ def with_hf_tokenizer(config: Any) -> Any:
   return config
 
 
-def _owned_float32(x: np.ndarray) -> np.ndarray:
+def owned_float32(x: np.ndarray) -> np.ndarray:
   """`x` as float32 in memory of its own: copied unless it already owns its data (a stacked slice)."""
   return x.astype(np.float32) if x.dtype != np.float32 or not x.flags.owndata else x
 
@@ -389,5 +389,5 @@ def place(tree: Any, shardings: Any) -> Any:
   its own slice of the views. The slice is copied off the file: a CPU backend would otherwise
   keep the memory-mapped view as the device buffer, and with it the file's pages in memory."""
   def one(view, sharding):
-    return jax.make_array_from_callback(view.shape, sharding, lambda index: _owned_float32(view[index]))
+    return jax.make_array_from_callback(view.shape, sharding, lambda index: owned_float32(view[index]))
   return jax.tree.map(one, tree, shardings)
